@@ -1,0 +1,198 @@
+//! Command-line flags and environment variables, and their validation.
+//!
+//! This module owns what the operator can set and the rules that tie the settings together. It
+//! only parses and checks: it starts nothing. A bad value becomes a [`ConfigError`], which `main`
+//! prints as one line before exiting with status 2.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use thiserror::Error;
+
+use crate::tempo::{BPM_CEILING, Bpm};
+
+/// A drift-free tempo server: ticks every 16th note to every WebSocket client.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "conductor", version, about)]
+pub struct Cli {
+    /// TCP port for HTTP and WebSocket (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, env = "CONDUCTOR_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Tempo at start, in beats per minute.
+    #[arg(long, env = "CONDUCTOR_BPM", default_value_t = 120.0)]
+    pub bpm: f64,
+
+    /// Lowest tempo a client may set.
+    #[arg(long, env = "CONDUCTOR_MIN_BPM", default_value_t = 60.0)]
+    pub min_bpm: f64,
+
+    /// Highest tempo a client may set.
+    #[arg(long, env = "CONDUCTOR_MAX_BPM", default_value_t = 200.0)]
+    pub max_bpm: f64,
+
+    /// Ticks per quarter note: 4 gives 16th notes, 24 matches MIDI clock.
+    #[arg(long, env = "CONDUCTOR_PPQN", default_value_t = 4)]
+    pub ppqn: u32,
+
+    /// Frames a client may fall behind before it is closed with 1008 (slow consumer).
+    #[arg(long, env = "CONDUCTOR_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Largest WebSocket message a client may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "CONDUCTOR_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    pub max_message_bytes: usize,
+
+    /// Seconds a connection may take to send its HTTP request or upgrade.
+    #[arg(long, env = "CONDUCTOR_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    pub handshake_timeout: u64,
+
+    /// SCHED_FIFO priority for the timing thread (1-99), or 0 to not ask for one.
+    #[arg(long, env = "CONDUCTOR_RT_PRIORITY", default_value_t = 50)]
+    pub rt_priority: i32,
+
+    /// Do not lock the process's memory (mlockall).
+    #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
+    pub no_mlock: bool,
+}
+
+/// The validated settings the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub port: u16,
+    pub bind: IpAddr,
+    pub bpm: Bpm,
+    pub min_bpm: Bpm,
+    pub max_bpm: Bpm,
+    pub ppqn: u32,
+    pub max_queue: usize,
+    pub max_message_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub rt_priority: i32,
+    pub mlock: bool,
+}
+
+/// A setting that cannot work, with what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("--{flag} {value} is not a usable tempo; give a number above 0 and at most {BPM_CEILING}")]
+    BadTempo { flag: &'static str, value: String },
+    #[error("--min-bpm {min} is above --max-bpm {max}")]
+    EmptyRange { min: Bpm, max: Bpm },
+    #[error("--bpm {bpm} lies outside --min-bpm {min} .. --max-bpm {max}")]
+    BpmOutOfRange { bpm: Bpm, min: Bpm, max: Bpm },
+    #[error("--ppqn {0} is out of range; use 1 to 960 (4 = 16th notes, 24 = MIDI clock)")]
+    BadPpqn(u32),
+    #[error("--max-queue {0} is out of range; use 2 to 65536")]
+    BadQueue(usize),
+    #[error("--max-message-bytes {0} is out of range; use 64 to 1048576")]
+    BadMessageSize(usize),
+    #[error("--handshake-timeout {0} is out of range; use 1 to 3600 seconds")]
+    BadHandshakeTimeout(u64),
+    #[error("--rt-priority {0} is out of range; use 0 (off) or 1 to 99")]
+    BadPriority(i32),
+}
+
+fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
+    Bpm::from_f64(value).ok_or_else(|| ConfigError::BadTempo {
+        flag,
+        value: value.to_string(),
+    })
+}
+
+impl Cli {
+    /// Checks every flag and the rules between them.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let bpm = tempo("bpm", self.bpm)?;
+        let min_bpm = tempo("min-bpm", self.min_bpm)?;
+        let max_bpm = tempo("max-bpm", self.max_bpm)?;
+        if min_bpm > max_bpm {
+            return Err(ConfigError::EmptyRange {
+                min: min_bpm,
+                max: max_bpm,
+            });
+        }
+        if bpm < min_bpm || bpm > max_bpm {
+            return Err(ConfigError::BpmOutOfRange {
+                bpm,
+                min: min_bpm,
+                max: max_bpm,
+            });
+        }
+        if !(1..=960).contains(&self.ppqn) {
+            return Err(ConfigError::BadPpqn(self.ppqn));
+        }
+        if !(2..=65536).contains(&self.max_queue) {
+            return Err(ConfigError::BadQueue(self.max_queue));
+        }
+        if !(64..=1 << 20).contains(&self.max_message_bytes) {
+            return Err(ConfigError::BadMessageSize(self.max_message_bytes));
+        }
+        if !(1..=3600).contains(&self.handshake_timeout) {
+            return Err(ConfigError::BadHandshakeTimeout(self.handshake_timeout));
+        }
+        if !(0..=99).contains(&self.rt_priority) {
+            return Err(ConfigError::BadPriority(self.rt_priority));
+        }
+        Ok(Config {
+            port: self.port,
+            bind: self.bind,
+            bpm,
+            min_bpm,
+            max_bpm,
+            ppqn: self.ppqn,
+            max_queue: self.max_queue,
+            max_message_bytes: self.max_message_bytes,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            rt_priority: self.rt_priority,
+            mlock: !self.no_mlock,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["conductor"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("clap parse").validate()
+    }
+
+    #[test]
+    fn defaults_match_the_predecessor() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.bind.to_string(), "0.0.0.0");
+        assert_eq!(c.bpm, Bpm::whole(120));
+        assert_eq!((c.min_bpm, c.max_bpm), (Bpm::whole(60), Bpm::whole(200)));
+        assert_eq!(c.ppqn, 4);
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        assert!(matches!(parse(&["--bpm", "250"]), Err(ConfigError::BpmOutOfRange { .. })));
+        assert!(matches!(
+            parse(&["--min-bpm", "150", "--max-bpm", "100", "--bpm", "120"]),
+            Err(ConfigError::EmptyRange { .. })
+        ));
+        assert!(matches!(parse(&["--bpm", "NaN"]), Err(ConfigError::BadTempo { .. })));
+        assert!(matches!(parse(&["--bpm=-3"]), Err(ConfigError::BadTempo { .. })));
+        assert_eq!(parse(&["--ppqn", "0"]).unwrap_err(), ConfigError::BadPpqn(0));
+        assert_eq!(parse(&["--max-queue", "1"]).unwrap_err(), ConfigError::BadQueue(1));
+        assert_eq!(parse(&["--rt-priority", "100"]).unwrap_err(), ConfigError::BadPriority(100));
+    }
+
+    #[test]
+    fn ppqn_24_and_fractional_tempos_are_fine() {
+        let c = parse(&["--ppqn", "24", "--bpm", "93.5"]).unwrap();
+        assert_eq!(c.ppqn, 24);
+        assert_eq!(c.bpm.milli(), 93_500);
+    }
+}

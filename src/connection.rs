@@ -1,0 +1,544 @@
+//! One client connection: a small state machine that owns its socket and buffers.
+//!
+//! ```text
+//!   Http ──upgrade──▶ Open ──close──▶ Closing ──EOF/deadline──▶ Done
+//!     └────────response────────────────▲
+//! ```
+//!
+//! The connection reads and writes its own socket, and knows the WebSocket protocol through
+//! tungstenite's [`WebSocketContext`] (frame parsing, size and UTF-8 checks, ping replies and
+//! the close handshake). It does not know what messages mean, what the tempo is, or who else is
+//! connected: the event loop decides that and tells it what to send.
+//!
+//! Outgoing bytes live in an [`OutQueue`] of shared frames. A tick's frame is encoded once and
+//! the same `Arc` sits in every connection's queue; tungstenite's own writes (pongs, close
+//! frames) are appended to the same queue through [`WsIo`], so one frame always finishes before
+//! the next begins, whoever wrote it.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+
+use crate::http::{self, HttpError, Request};
+use crate::protocol::SharedFrame;
+use crate::stats::CloseReason;
+
+/// How long a closing connection may take to flush and say goodbye.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// tungstenite's read buffer, allocated eagerly per connection. Client messages are tiny; the
+/// 128 KiB default would cost more per client than everything else together.
+const WS_READ_BUFFER: usize = 1024;
+/// How many queued frames one `writev` hands to the kernel.
+const WRITEV_FRAMES: usize = 32;
+
+/// Frames waiting to be written, the first possibly part-written.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    frames: VecDeque<SharedFrame>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// Leading frames that are not WebSocket messages (an HTTP response), left out of the
+    /// completed-frame count.
+    uncounted: usize,
+}
+
+/// Whether the socket took everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flushed {
+    All,
+    /// The kernel's buffer is full; wait for a writable event.
+    Blocked,
+}
+
+impl OutQueue {
+    pub fn push(&mut self, frame: SharedFrame) {
+        if !frame.is_empty() {
+            self.frames.push_back(frame);
+        }
+    }
+
+    /// Queues bytes that are not a WebSocket message (an HTTP response or the 101).
+    pub fn push_uncounted(&mut self, bytes: SharedFrame) {
+        if !bytes.is_empty() {
+            self.uncounted += 1;
+            self.frames.push_back(bytes);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Discards every frame not yet started, keeping a part-written one so the stream stays a
+    /// valid sequence of frames.
+    pub fn drop_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0).min(self.frames.len());
+        self.frames.truncate(keep);
+        self.uncounted = self.uncounted.min(keep);
+    }
+
+    /// Writes as much as `w` takes. Returns whether it drained, and how many frames completed.
+    pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<(Flushed, u64)> {
+        let mut completed = 0;
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); WRITEV_FRAMES];
+            let mut n = 0;
+            for (i, frame) in self.frames.iter().take(WRITEV_FRAMES).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&frame[start..]);
+                n += 1;
+            }
+            let mut written = match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((Flushed::Blocked, completed));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while written > 0 {
+                let Some(front) = self.frames.front() else {
+                    break;
+                };
+                let left = front.len() - self.offset;
+                if written >= left {
+                    written -= left;
+                    self.offset = 0;
+                    self.frames.pop_front();
+                    if self.uncounted > 0 {
+                        self.uncounted -= 1;
+                    } else {
+                        completed += 1;
+                    }
+                } else {
+                    self.offset += written;
+                    written = 0;
+                }
+            }
+        }
+        Ok((Flushed::All, completed))
+    }
+}
+
+/// The socket as tungstenite sees it: reads come from the network, writes go to the queue.
+struct WsIo<'a> {
+    sock: &'a mut TcpStream,
+    out: &'a mut OutQueue,
+}
+
+impl Read for WsIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl Write for WsIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push(Arc::from(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a connection is in its life.
+pub enum State {
+    /// Reading the HTTP request head.
+    Http { head: Vec<u8> },
+    /// A WebSocket client: ticks flow.
+    Open { ws: Box<WebSocketContext> },
+    /// Flushing what is queued, then half-closing and waiting for the peer's EOF.
+    Closing { until: Instant, write_shut: bool },
+    /// Finished; the loop drops it.
+    Done,
+}
+
+fn closing(now: Instant) -> State {
+    State::Closing {
+        until: now + CLOSE_GRACE,
+        write_shut: false,
+    }
+}
+
+/// The result of reading an HTTP request head.
+pub enum HeadRead {
+    Pending,
+    Request(Request),
+    Invalid(HttpError),
+    /// The peer went away before sending a request.
+    Gone,
+}
+
+/// The result of reading WebSocket input.
+pub enum WsRead {
+    Message(Message),
+    /// Nothing more to read for now.
+    Pending,
+    /// The connection is over (already moved to `Closing` or `Done`).
+    Ended(CloseReason),
+}
+
+pub struct Connection {
+    sock: TcpStream,
+    pub peer: SocketAddr,
+    state: State,
+    out: OutQueue,
+    /// When the connection was accepted (for the handshake timeout).
+    pub accepted: Instant,
+    /// Why a WebSocket client stopped being one; set once, when it leaves `Open`.
+    close_reason: Option<CloseReason>,
+}
+
+impl Connection {
+    pub fn new(sock: TcpStream, peer: SocketAddr, now: Instant) -> Connection {
+        Connection {
+            sock,
+            peer,
+            state: State::Http { head: Vec::new() },
+            out: OutQueue::default(),
+            accepted: now,
+            close_reason: None,
+        }
+    }
+
+    pub fn socket(&mut self) -> &mut TcpStream {
+        &mut self.sock
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open { .. })
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Why this connection stopped being a WebSocket client, if it ever was one.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason
+    }
+
+    /// Leaves `Open` (or any state) for `next`, remembering why a client ended.
+    fn end(&mut self, next: State, reason: CloseReason) {
+        if self.is_open() {
+            self.close_reason = Some(reason);
+        }
+        self.state = next;
+    }
+
+    /// Reads until the request head is complete or the socket is drained.
+    pub fn read_head(&mut self) -> HeadRead {
+        let State::Http { head } = &mut self.state else {
+            return HeadRead::Pending;
+        };
+        let mut buf = [0u8; 2048];
+        loop {
+            match http::parse_request(head) {
+                Ok(Some(req)) => return HeadRead::Request(req),
+                Ok(None) => {}
+                Err(e) => return HeadRead::Invalid(e),
+            }
+            match self.sock.read(&mut buf) {
+                Ok(0) => return HeadRead::Gone,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HeadRead::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return HeadRead::Gone,
+            }
+        }
+    }
+
+    /// Queues a plain HTTP response and starts closing.
+    pub fn respond(&mut self, response: Vec<u8>, now: Instant) {
+        self.out.push_uncounted(response.into());
+        self.state = closing(now);
+    }
+
+    /// Completes a WebSocket upgrade: queues the 101 and hands any bytes that followed the
+    /// request head to the protocol.
+    pub fn upgrade(&mut self, response: Vec<u8>, head_len: usize, max_message_bytes: usize) {
+        let State::Http { head } = &mut self.state else {
+            return;
+        };
+        let leftover = head.split_off(head_len.min(head.len()));
+        let config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message_bytes))
+            .max_frame_size(Some(max_message_bytes));
+        let ws = WebSocketContext::from_partially_read(leftover, Role::Server, Some(config));
+        self.out.push_uncounted(response.into());
+        self.state = State::Open { ws: Box::new(ws) };
+    }
+
+    /// Reads the next WebSocket message. Protocol violations close the connection with the
+    /// matching code, through tungstenite's own checks.
+    pub fn read_ws(&mut self, now: Instant) -> WsRead {
+        loop {
+            let State::Open { ws } = &mut self.state else {
+                return WsRead::Pending;
+            };
+            let mut io = WsIo {
+                sock: &mut self.sock,
+                out: &mut self.out,
+            };
+            let err = match ws.read(&mut io) {
+                Ok(message) => return WsRead::Message(message),
+                Err(e) => e,
+            };
+            let (code, reason) = match err {
+                WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => return WsRead::Pending,
+                WsError::Io(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The close handshake finished: tungstenite queued its reply already.
+                WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                    self.end(closing(now), CloseReason::ClientClosed);
+                    return WsRead::Ended(CloseReason::ClientClosed);
+                }
+                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+                    self.end(State::Done, CloseReason::ClientClosed);
+                    return WsRead::Ended(CloseReason::ClientClosed);
+                }
+                WsError::Io(_) => {
+                    self.end(State::Done, CloseReason::IoError);
+                    return WsRead::Ended(CloseReason::IoError);
+                }
+                WsError::Capacity(_) => (CloseCode::Size, CloseReason::MessageTooBig),
+                WsError::Utf8(_) => (CloseCode::Invalid, CloseReason::InvalidUtf8),
+                _ => (CloseCode::Protocol, CloseReason::ProtocolError),
+            };
+            let text = match reason {
+                CloseReason::MessageTooBig => "message too big",
+                CloseReason::InvalidUtf8 => "invalid UTF-8",
+                _ => "protocol error",
+            };
+            self.close_ws(code, text, reason, now);
+            return WsRead::Ended(reason);
+        }
+    }
+
+    /// Queues `frame` for an open client. False when the client is already `limit` frames
+    /// behind: the caller closes it as a slow consumer.
+    pub fn send(&mut self, frame: &SharedFrame, limit: usize) -> bool {
+        if !self.is_open() {
+            return true;
+        }
+        if self.out.len() >= limit {
+            return false;
+        }
+        self.out.push(Arc::clone(frame));
+        true
+    }
+
+    /// Sends a close frame with `code` and starts closing. For a slow consumer the backlog is
+    /// dropped first, so the close frame is next on the wire rather than behind it.
+    pub fn close_ws(&mut self, code: CloseCode, text: &str, why: CloseReason, now: Instant) {
+        if let State::Open { ws } = &mut self.state {
+            if why == CloseReason::SlowConsumer {
+                self.out.drop_unstarted();
+            }
+            let mut io = WsIo {
+                sock: &mut self.sock,
+                out: &mut self.out,
+            };
+            let frame = CloseFrame {
+                code,
+                reason: text.into(),
+            };
+            // Writing into our queue cannot fail; a context already closing just flushes.
+            let _ = ws.close(&mut io, Some(frame));
+        }
+        self.begin_closing(why, now);
+    }
+
+    fn begin_closing(&mut self, why: CloseReason, now: Instant) {
+        if !matches!(self.state, State::Closing { .. } | State::Done) {
+            self.end(closing(now), why);
+        }
+    }
+
+    /// Ends the connection now, without a goodbye.
+    pub fn abort(&mut self, why: CloseReason) {
+        self.end(State::Done, why);
+    }
+
+    /// Writes queued frames. Returns frames completed. On a socket error the connection is done.
+    pub fn flush(&mut self) -> u64 {
+        if self.is_done() {
+            return 0;
+        }
+        let completed = match self.out.write_to(&mut self.sock) {
+            Ok((_, completed)) => completed,
+            Err(_) => {
+                self.end(State::Done, CloseReason::IoError);
+                return 0;
+            }
+        };
+        if let State::Closing { write_shut, .. } = &mut self.state {
+            if !*write_shut && self.out.is_empty() {
+                // Everything is out: half-close, then wait for the peer's EOF so the kernel never
+                // answers its last bytes with a reset that would destroy our response.
+                *write_shut = true;
+                if self.sock.shutdown(Shutdown::Write).is_err() {
+                    self.state = State::Done;
+                }
+            }
+        }
+        completed
+    }
+
+    /// In `Closing`, reads and discards input until EOF.
+    pub fn drain_input(&mut self) {
+        if !matches!(self.state, State::Closing { .. }) {
+            return;
+        }
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.sock.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        // EOF (or a dead socket): once our side is flushed there is nothing left to do.
+        if self.out.is_empty() {
+            self.state = State::Done;
+        } else if let State::Closing { until, .. } = &mut self.state {
+            // The peer is gone for reading; give the flush a moment, no more.
+            *until = (*until).min(Instant::now() + Duration::from_millis(100));
+        }
+    }
+
+    /// Enforces deadlines: the handshake timeout in `Http`, the grace period in `Closing`.
+    /// Returns true when the handshake timed out.
+    pub fn expire(&mut self, now: Instant, handshake_timeout: Duration) -> bool {
+        match &self.state {
+            State::Http { .. } if now.duration_since(self.accepted) >= handshake_timeout => {
+                self.state = State::Done;
+                true
+            }
+            State::Closing { until, .. } if now >= *until => {
+                self.state = State::Done;
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call, then blocks after `calls` calls.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.calls == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls -= 1;
+            let n = buf.len().min(self.cap);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frame(bytes: &[u8]) -> SharedFrame {
+        Arc::from(bytes)
+    }
+
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let mut q = OutQueue::default();
+        q.push(frame(b"hello"));
+        q.push(frame(b"world!"));
+        let mut w = Trickle { got: vec![], cap: 3, calls: 2 };
+        assert_eq!(q.write_to(&mut w).unwrap(), (Flushed::Blocked, 1));
+        assert_eq!(q.len(), 1);
+        w.calls = 10;
+        assert_eq!(q.write_to(&mut w).unwrap(), (Flushed::All, 1));
+        assert_eq!(w.got, b"helloworld!");
+    }
+
+    #[test]
+    fn http_responses_are_not_counted_as_messages() {
+        let mut q = OutQueue::default();
+        q.push_uncounted(frame(b"HTTP/1.1 101"));
+        q.push(frame(b"hello"));
+        let mut w = Trickle { got: vec![], cap: 100, calls: 10 };
+        assert_eq!(q.write_to(&mut w).unwrap(), (Flushed::All, 1));
+    }
+
+    #[test]
+    fn dropping_the_backlog_keeps_a_started_frame_whole() {
+        let mut q = OutQueue::default();
+        for f in [b"aaaa", b"bbbb", b"cccc"] {
+            q.push(frame(f));
+        }
+        let mut w = Trickle { got: vec![], cap: 2, calls: 1 };
+        let _ = q.write_to(&mut w).unwrap();
+        q.drop_unstarted();
+        q.push(frame(b"CLOSE"));
+        w.calls = 10;
+        w.cap = 100;
+        q.write_to(&mut w).unwrap();
+        assert_eq!(w.got, b"aaaaCLOSE");
+
+        let mut q = OutQueue::default();
+        q.push(frame(b"x"));
+        q.push(frame(b"y"));
+        q.drop_unstarted();
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_write_of_zero_is_an_error() {
+        struct Zero;
+        impl Write for Zero {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Ok(0)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut q = OutQueue::default();
+        q.push(frame(b"x"));
+        assert!(q.write_to(&mut Zero).is_err());
+    }
+}

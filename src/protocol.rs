@@ -1,0 +1,272 @@
+//! The wire protocol: JSON messages `{"event": NAME, "data": ...}` in WebSocket text frames.
+//!
+//! This module owns what the bytes mean, both ways, and the encoding of server frames. It is
+//! pure: it knows nothing of sockets, connections or clocks (times come in as arguments). The
+//! seed's messages (`tick`, `bpmChange`, `setBpm`) keep their exact shapes; everything added
+//! (`hello`, `error`, the extra tick fields) is additive, so the predecessor's clients keep
+//! working.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::tempo::Bpm;
+
+/// An encoded server frame, shared by every connection it is sent to.
+pub type SharedFrame = Arc<[u8]>;
+
+/// Encodes `payload` as one unmasked, final WebSocket text frame. Server frames carry no mask,
+/// so the same bytes are valid on every connection.
+pub fn text_frame(payload: &str) -> SharedFrame {
+    let frame = Frame::message(payload.as_bytes().to_vec(), OpCode::Data(Data::Text), true);
+    let mut bytes = Vec::with_capacity(frame.len());
+    // Formatting into a Vec cannot fail: the only error source is the writer.
+    if frame.format(&mut bytes).is_err() {
+        bytes.clear();
+    }
+    bytes.into()
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T: Serialize> {
+    event: &'a str,
+    data: T,
+}
+
+fn envelope<T: Serialize>(event: &str, data: T) -> String {
+    // Serialising these plain structs cannot fail (no maps with non-string keys, no I/O).
+    serde_json::to_string(&Envelope { event, data }).unwrap_or_default()
+}
+
+/// The fields of a `tick`. The first three are the seed's, in the seed's order.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TickData {
+    /// The tick's scheduled instant, unix milliseconds (rounded down).
+    pub time: u64,
+    pub bpm: Bpm,
+    pub count: u64,
+    /// The same instant in unix microseconds.
+    pub time_us: u64,
+    pub ppqn: u32,
+}
+
+impl TickData {
+    pub fn new(scheduled_unix_ns: u64, bpm: Bpm, count: u64, ppqn: u32) -> TickData {
+        TickData {
+            time: scheduled_unix_ns / 1_000_000,
+            bpm,
+            count,
+            time_us: scheduled_unix_ns / 1_000,
+            ppqn,
+        }
+    }
+}
+
+pub fn tick(data: &TickData) -> String {
+    envelope("tick", data)
+}
+
+/// `{"event":"bpmChange","data":140}`: the seed's shape, data the bare number.
+pub fn bpm_change(bpm: Bpm) -> String {
+    envelope("bpmChange", bpm)
+}
+
+/// What a client learns on connect.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct HelloData {
+    pub bpm: Bpm,
+    pub ppqn: u32,
+    /// The last tick emitted (0 before the first).
+    pub count: u64,
+    /// Server wall time when the hello was written, unix ms and µs.
+    pub time: u64,
+    pub time_us: u64,
+    pub min_bpm: Bpm,
+    pub max_bpm: Bpm,
+    pub version: &'static str,
+}
+
+pub fn hello(data: &HelloData) -> String {
+    envelope("hello", data)
+}
+
+#[derive(Serialize)]
+struct ErrorData<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// `{"event":"error","data":{"code":...,"message":...}}`.
+pub fn error(err: &ClientError) -> String {
+    envelope(
+        "error",
+        ErrorData {
+            code: err.code(),
+            message: &err.to_string(),
+        },
+    )
+}
+
+/// A request from a client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ClientMessage {
+    /// `{"event":"setBpm","data":140}`: the value as sent, not yet range-checked.
+    SetBpm(f64),
+}
+
+/// Why a client's message was refused. Each is answered with an `error` event; none closes the
+/// connection.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum ClientError {
+    #[error("message is not valid JSON ({0}); send {{\"event\":NAME,\"data\":...}}")]
+    InvalidJson(String),
+    #[error("message must be a JSON object with a string \"event\" field")]
+    NotAnEvent,
+    #[error("unknown event {0:?}; this server understands: setBpm")]
+    UnknownEvent(String),
+    #[error("setBpm needs a number as data, e.g. {{\"event\":\"setBpm\",\"data\":140}}")]
+    NotANumber,
+    #[error("bpm {value} is out of range; choose {min} to {max}")]
+    OutOfRange { value: f64, min: Bpm, max: Bpm },
+    #[error("binary frames are not part of this protocol; send JSON text frames")]
+    Binary,
+    #[error("the server is busy applying earlier tempo changes; try again shortly")]
+    Busy,
+}
+
+impl ClientError {
+    /// The stable, machine-readable code clients can switch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ClientError::InvalidJson(_) => "invalid_json",
+            ClientError::NotAnEvent => "invalid_message",
+            ClientError::UnknownEvent(_) => "unknown_event",
+            ClientError::NotANumber => "invalid_bpm",
+            ClientError::OutOfRange { .. } => "bpm_out_of_range",
+            ClientError::Binary => "binary_unsupported",
+            ClientError::Busy => "busy",
+        }
+    }
+}
+
+/// Parses one text message from a client.
+pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        let mut reason = e.to_string();
+        reason.truncate(80);
+        ClientError::InvalidJson(reason)
+    })?;
+    let Value::Object(mut fields) = value else {
+        return Err(ClientError::NotAnEvent);
+    };
+    let Some(Value::String(event)) = fields.remove("event") else {
+        return Err(ClientError::NotAnEvent);
+    };
+    match event.as_str() {
+        "setBpm" => match fields.get("data").and_then(Value::as_f64) {
+            Some(bpm) => Ok(ClientMessage::SetBpm(bpm)),
+            None => Err(ClientError::NotANumber),
+        },
+        _ => {
+            let mut name = event;
+            name.truncate(40);
+            Err(ClientError::UnknownEvent(name))
+        }
+    }
+}
+
+/// The tempo `value` asks for, if it lies within `[min, max]`.
+pub fn check_bpm(value: f64, min: Bpm, max: Bpm) -> Result<Bpm, ClientError> {
+    match Bpm::from_f64(value) {
+        Some(bpm) if bpm >= min && bpm <= max => Ok(bpm),
+        _ => Err(ClientError::OutOfRange { value, min, max }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_has_the_seed_shape_first() {
+        let data = TickData::new(1_640_995_200_000_123_456, Bpm::whole(120), 1234, 4);
+        assert_eq!(
+            tick(&data),
+            r#"{"event":"tick","data":{"time":1640995200000,"bpm":120,"count":1234,"time_us":1640995200000123,"ppqn":4}}"#
+        );
+    }
+
+    #[test]
+    fn bpm_change_data_is_the_bare_number() {
+        assert_eq!(bpm_change(Bpm::whole(140)), r#"{"event":"bpmChange","data":140}"#);
+        assert_eq!(
+            bpm_change(Bpm::from_f64(92.5).unwrap()),
+            r#"{"event":"bpmChange","data":92.5}"#
+        );
+    }
+
+    #[test]
+    fn error_carries_code_and_message() {
+        let v: Value = serde_json::from_str(&error(&ClientError::NotANumber)).unwrap();
+        assert_eq!(v["event"], "error");
+        assert_eq!(v["data"]["code"], "invalid_bpm");
+        assert!(v["data"]["message"].as_str().unwrap().contains("setBpm"));
+    }
+
+    #[test]
+    fn decodes_set_bpm() {
+        assert_eq!(
+            decode(r#"{"event":"setBpm","data":140}"#),
+            Ok(ClientMessage::SetBpm(140.0))
+        );
+        assert_eq!(
+            decode(r#"{"data":92.5,"event":"setBpm","extra":true}"#),
+            Ok(ClientMessage::SetBpm(92.5))
+        );
+    }
+
+    #[test]
+    fn refuses_every_kind_of_bad_message() {
+        let cases = [
+            ("{not json", "invalid_json"),
+            ("", "invalid_json"),
+            ("[1,2]", "invalid_message"),
+            (r#"{"data":1}"#, "invalid_message"),
+            (r#"{"event":5}"#, "invalid_message"),
+            (r#"{"event":"dance"}"#, "unknown_event"),
+            (r#"{"event":"setBpm","data":"140"}"#, "invalid_bpm"),
+            (r#"{"event":"setBpm"}"#, "invalid_bpm"),
+            (r#"{"event":"setBpm","data":null}"#, "invalid_bpm"),
+        ];
+        for (text, code) in cases {
+            let err = decode(text).expect_err(text);
+            assert_eq!(err.code(), code, "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn range_check_names_the_range() {
+        let (min, max) = (Bpm::whole(60), Bpm::whole(200));
+        assert_eq!(check_bpm(140.0, min, max), Ok(Bpm::whole(140)));
+        assert_eq!(check_bpm(60.0, min, max), Ok(Bpm::whole(60)));
+        for bad in [59.9, 200.01, -5.0, 1e300] {
+            let err = check_bpm(bad, min, max).unwrap_err();
+            assert_eq!(err.code(), "bpm_out_of_range");
+            assert!(err.to_string().contains("60 to 200"), "{err}");
+        }
+    }
+
+    #[test]
+    fn text_frames_are_unmasked_and_complete() {
+        let f = text_frame("hi");
+        assert_eq!(&f[..], &[0x81, 0x02, b'h', b'i']);
+        let long = "x".repeat(300);
+        let f = text_frame(&long);
+        assert_eq!(&f[..4], &[0x81, 126, 0x01, 0x2c]);
+        assert_eq!(f.len(), 304);
+    }
+}

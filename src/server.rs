@@ -1,0 +1,503 @@
+//! The event loop: one `mio::Poll` that accepts, serves HTTP, speaks WebSocket and fans ticks out.
+//!
+//! This module owns the listening socket, the slab of [`Connection`]s, the loop's view of the
+//! tempo and the [`ServerStats`]. It decides what every request and message means for the
+//! server as a whole. It must not sleep, block or compute tick times: ticks arrive finished
+//! from the timing thread, and the loop only stamps them into frames and writes them out.
+//!
+//! Ticks come first. Whenever the timing ring has something, it is drained before the next
+//! connection event is handled, so a burst of client traffic delays a tick by at most one
+//! connection's work.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use thiserror::Error;
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::connection::{Connection, HeadRead, State, WsRead};
+use crate::http::{self, Request, Route};
+use crate::protocol::{self, ClientError, ClientMessage, HelloData, SharedFrame, TickData};
+use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
+use crate::tempo::Bpm;
+use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// How often deadlines (handshake timeouts, closing grace) are checked.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// How long SIGTERM waits for clients to receive their close frames.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long accepting pauses when the process is out of file descriptors.
+const FD_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Why the server could not start or keep running.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}; is another server using it? pick another --port")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot set up the event loop: {0}")]
+    Poll(io::Error),
+    #[error("cannot start the timing thread: {0}")]
+    Timing(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+pub struct Server {
+    cfg: Config,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    conns: Slab<Connection>,
+    timing: TimingThread,
+    timing_events: TimingEvents,
+    signals: Signals,
+    clock: Clock,
+    stats: ServerStats,
+    started: Instant,
+    /// The tempo and count as the loop last heard them from the timing thread.
+    bpm: Bpm,
+    count: u64,
+    accept_paused_until: Option<Instant>,
+    fd_limit_logged: bool,
+    shutdown_by: Option<Instant>,
+    /// Scratch list of connections to remove, reused to avoid allocating per tick.
+    finished: Vec<usize>,
+}
+
+impl Server {
+    /// Binds the port and starts the timing thread. Ticks start flowing at once; `run` sends them.
+    pub fn bind(cfg: Config) -> Result<Server, ServerError> {
+        let addr = SocketAddr::new(cfg.bind, cfg.port);
+        let mut listener =
+            TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(ServerError::Poll)?;
+        let poll = Poll::new().map_err(ServerError::Poll)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(ServerError::Poll)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
+        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(ServerError::Signals)?;
+        let clock = Clock::start();
+        let realtime = Realtime {
+            fifo_priority: cfg.rt_priority,
+        };
+        let (timing, timing_events) = TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
+            .map_err(ServerError::Timing)?;
+        Ok(Server {
+            bpm: cfg.bpm,
+            cfg,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            conns: Slab::new(),
+            timing,
+            timing_events,
+            signals,
+            clock,
+            stats: ServerStats::default(),
+            started: Instant::now(),
+            count: 0,
+            accept_paused_until: None,
+            fd_limit_logged: false,
+            shutdown_by: None,
+            finished: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Runs until SIGTERM or SIGINT, then closes every client with 1001 and returns.
+    pub fn run(mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        loop {
+            let now = Instant::now();
+            let mut timeout = next_housekeeping.saturating_duration_since(now);
+            if let Some(by) = self.shutdown_by {
+                timeout = timeout.min(by.saturating_duration_since(now));
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServerError::Poll(e));
+            }
+            self.drain_timing();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    LISTENER => self.accept(),
+                    SIGNALS => self.on_signal(),
+                    Token(key) => {
+                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        self.drive(key, readable, event.is_writable());
+                    }
+                }
+                if !self.timing_events.is_empty() {
+                    self.drain_timing();
+                }
+            }
+            let now = Instant::now();
+            if now >= next_housekeeping {
+                self.housekeeping(now);
+                next_housekeeping = now + HOUSEKEEPING;
+            }
+            if let Some(by) = self.shutdown_by {
+                if self.conns.is_empty() || now >= by {
+                    break;
+                }
+            }
+        }
+        let left = self.conns.len();
+        for key in 0..self.conns.capacity() {
+            if self.conns.contains(key) {
+                self.remove(key);
+            }
+        }
+        self.timing.stop();
+        info!("shutdown complete ({left} connections cut at the deadline)");
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, peer)) => self.add_connection(sock, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors: the pending connection stays in the backlog and would
+                    // make every poll return at once. Pause accepting; keep serving the rest.
+                    if !self.fd_limit_logged {
+                        warn!("accept paused: out of file descriptors ({e}); raise ulimit -n");
+                        self.fd_limit_logged = true;
+                    }
+                    self.stats.count_refused(RefuseReason::FdLimit);
+                    self.accept_paused_until = Some(Instant::now() + FD_BACKOFF);
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends concern one connection, not the listener.
+                    debug!("accept failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn add_connection(&mut self, mut sock: TcpStream, peer: SocketAddr) {
+        // Ticks are tiny and latency is the point: never let Nagle hold one back.
+        if let Err(e) = sock.set_nodelay(true) {
+            debug!("set_nodelay failed for {peer}: {e}");
+        }
+        let entry = self.conns.vacant_entry();
+        let token = Token(entry.key());
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        entry.insert(Connection::new(sock, peer, Instant::now()));
+        self.stats.connections_accepted += 1;
+    }
+
+    fn remove(&mut self, key: usize) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        // Dropping the socket closes it, which also removes it from the poll.
+        let _ = self.poll.registry().deregister(conn.socket());
+        if let Some(reason) = conn.close_reason() {
+            self.stats.count_close(reason);
+            debug!("ws closed peer={} reason={}", conn.peer, reason.label());
+        }
+    }
+
+    /// Handles readiness on one connection, following it through state changes.
+    fn drive(&mut self, key: usize, readable: bool, writable: bool) {
+        let now = Instant::now();
+        if writable {
+            if let Some(conn) = self.conns.get_mut(key) {
+                self.stats.messages_sent += conn.flush();
+            }
+        }
+        while readable {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            match conn.state() {
+                State::Http { .. } => match conn.read_head() {
+                    HeadRead::Pending => break,
+                    HeadRead::Request(req) => self.on_request(key, req, now),
+                    HeadRead::Invalid(e) => {
+                        self.stats.count_refused(RefuseReason::BadRequest);
+                        self.stats.count_http(e.status());
+                        conn.respond(http::text_error(e.status(), &e.to_string()), now);
+                    }
+                    HeadRead::Gone => conn.abort(CloseReason::ClientClosed),
+                },
+                State::Open { .. } => match conn.read_ws(now) {
+                    WsRead::Message(m) => self.on_message(key, m),
+                    WsRead::Pending => break,
+                    WsRead::Ended(_) => {}
+                },
+                State::Closing { .. } => {
+                    conn.drain_input();
+                    break;
+                }
+                State::Done => break,
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            self.stats.messages_sent += conn.flush();
+            if conn.is_done() {
+                self.remove(key);
+            }
+        }
+    }
+
+    fn on_request(&mut self, key: usize, req: Request, now: Instant) {
+        let route = http::route(&req.method, &req.path);
+        let response = match route {
+            Route::WebSocket => match http::check_upgrade(&req) {
+                Ok(accept) => return self.upgrade(key, &req, &accept),
+                Err(e) => {
+                    self.stats.count_refused(RefuseReason::BadUpgrade);
+                    (400, http::text_error(400, &e.to_string()))
+                }
+            },
+            Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
+            Route::Healthz => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
+            Route::Stats => (
+                200,
+                http::response(200, "application/json", stats::stats_json(&self.snapshot()).as_bytes()),
+            ),
+            Route::Metrics => (
+                200,
+                http::response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    stats::metrics_text(&self.snapshot()).as_bytes(),
+                ),
+            ),
+            Route::NotFound => (404, http::text_error(404, "no such page; try / or /ws")),
+            Route::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
+        };
+        let (status, bytes) = response;
+        self.stats.count_http(status);
+        debug!("http {} {} -> {status}", req.method, req.path);
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.respond(bytes, now);
+        }
+    }
+
+    fn upgrade(&mut self, key: usize, req: &Request, accept: &str) {
+        let hello = protocol::hello(&HelloData {
+            bpm: self.bpm,
+            ppqn: self.cfg.ppqn,
+            count: self.count,
+            time: self.clock.unix_now_ns() / 1_000_000,
+            time_us: self.clock.unix_now_ns() / 1_000,
+            min_bpm: self.cfg.min_bpm,
+            max_bpm: self.cfg.max_bpm,
+            version: env!("CARGO_PKG_VERSION"),
+        });
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.stats.count_http(101);
+        conn.upgrade(
+            http::switching_protocols(accept),
+            req.head_len,
+            self.cfg.max_message_bytes,
+        );
+        conn.send(&protocol::text_frame(&hello), self.cfg.max_queue);
+        debug!("ws open peer={}", conn.peer);
+    }
+
+    fn on_message(&mut self, key: usize, message: Message) {
+        let result = match message {
+            Message::Text(text) => protocol::decode(&text).and_then(|m| self.on_client_message(m)),
+            Message::Binary(_) => Err(ClientError::Binary),
+            // tungstenite answers pings and handles the close handshake itself.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
+        };
+        if let Err(err) = result {
+            self.stats.client_errors += 1;
+            let frame = protocol::text_frame(&protocol::error(&err));
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.send(&frame, self.cfg.max_queue);
+            }
+        }
+    }
+
+    fn on_client_message(&mut self, message: ClientMessage) -> Result<(), ClientError> {
+        match message {
+            ClientMessage::SetBpm(value) => {
+                let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
+                if self.timing.send(TimingCommand::SetTempo(bpm)) {
+                    Ok(())
+                } else {
+                    Err(ClientError::Busy)
+                }
+            }
+        }
+    }
+
+    /// Takes every event the timing thread has queued, in order.
+    fn drain_timing(&mut self) {
+        while let Ok(event) = self.timing_events.pop() {
+            match event {
+                TimingEvent::Tick(tick) => self.on_tick(tick),
+                TimingEvent::Tempo { bpm, .. } => {
+                    self.bpm = bpm;
+                    self.stats.tempo_changes += 1;
+                    info!("tempo {bpm} BPM");
+                    if self.shutdown_by.is_none() {
+                        self.broadcast(&protocol::text_frame(&protocol::bpm_change(bpm)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self, tick: Tick) {
+        self.stats.record_tick(tick.lateness_ns());
+        self.count = tick.count;
+        self.bpm = tick.bpm;
+        if self.shutdown_by.is_some() {
+            return;
+        }
+        let data = TickData::new(
+            self.clock.unix_ns(tick.deadline_ns),
+            tick.bpm,
+            tick.count,
+            self.cfg.ppqn,
+        );
+        self.broadcast(&protocol::text_frame(&protocol::tick(&data)));
+        let done = self.clock.now_ns();
+        self.stats.fanout.record(done.saturating_sub(tick.deadline_ns));
+    }
+
+    /// Queues `frame` on every open client and writes it out. Clients already `max_queue`
+    /// frames behind are closed as slow consumers instead; they never hold up the rest.
+    fn broadcast(&mut self, frame: &SharedFrame) {
+        let now = Instant::now();
+        let limit = self.cfg.max_queue;
+        for (key, conn) in self.conns.iter_mut() {
+            if !conn.is_open() {
+                continue;
+            }
+            if !conn.send(frame, limit) {
+                debug!("slow consumer peer={} queued={}", conn.peer, conn.queued());
+                conn.close_ws(CloseCode::Policy, "too slow: fell behind the ticks", CloseReason::SlowConsumer, now);
+            }
+            self.stats.messages_sent += conn.flush();
+            if conn.is_done() {
+                self.finished.push(key);
+            }
+        }
+        self.remove_finished();
+    }
+
+    fn remove_finished(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished);
+        for key in finished.drain(..) {
+            self.remove(key);
+        }
+        self.finished = finished;
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let timeout = self.cfg.handshake_timeout;
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.expire(now, timeout) {
+                self.stats.count_refused(RefuseReason::HandshakeTimeout);
+            }
+            if conn.is_done() {
+                self.finished.push(key);
+            }
+        }
+        self.remove_finished();
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            self.accept();
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            if signal == SIGTERM || signal == SIGINT {
+                stop = true;
+            }
+        }
+        if stop && self.shutdown_by.is_none() {
+            self.begin_shutdown();
+        }
+    }
+
+    /// Stops accepting, says goodbye (1001) to every client and gives them a second to hear it.
+    fn begin_shutdown(&mut self) {
+        let now = Instant::now();
+        info!("shutting down: closing {} connections", self.conns.len());
+        self.shutdown_by = Some(now + SHUTDOWN_GRACE);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for (key, conn) in self.conns.iter_mut() {
+            match conn.state() {
+                State::Open { .. } => {
+                    conn.close_ws(CloseCode::Away, "server shutting down", CloseReason::Shutdown, now);
+                    self.stats.messages_sent += conn.flush();
+                }
+                State::Http { .. } => conn.abort(CloseReason::Shutdown),
+                State::Closing { .. } | State::Done => {}
+            }
+            if conn.is_done() {
+                self.finished.push(key);
+            }
+        }
+        self.remove_finished();
+    }
+
+    fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            bpm: self.bpm,
+            ppqn: self.cfg.ppqn,
+            clients: self.conns.iter().filter(|(_, c)| c.is_open()).count(),
+            count: self.count,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            dropped_ticks: self.timing.dropped_ticks(),
+            stats: &self.stats,
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! What the server measures about itself, and how it reports it (`/stats`, `/metrics`).
+//!
+//! The event loop owns one [`ServerStats`] and is its only writer, so nothing here is atomic or
+//! locked. Rendering is pure: a [`Snapshot`] in, text out.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::tempo::Bpm;
+
+/// A tick more than this late counts as late in `conductor_late_ticks_total`.
+pub const LATE_TICK_NS: u64 = 1_000_000;
+
+/// A latency distribution in nanoseconds, 1 ns to 60 s at two significant figures (1%).
+pub struct LatencyHistogram(Histogram<u64>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        // Two significant figures keep each histogram near 30 KiB; bounds are constants.
+        let h = Histogram::new_with_bounds(1, 60_000_000_000, 2)
+            .unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()));
+        LatencyHistogram(h)
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, ns: u64) {
+        self.0.saturating_record(ns.max(1));
+    }
+
+    pub fn summary(&self) -> Percentiles {
+        let h = &self.0;
+        Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            count: h.len(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// The figures every distribution is reported by, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub count: u64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// `{p50, p99, p999, max, samples}` in microseconds, for JSON.
+    fn micros(&self) -> serde_json::Value {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        json!({
+            "p50": us(self.p50),
+            "p99": us(self.p99),
+            "p999": us(self.p999),
+            "max": us(self.max),
+            "samples": self.count,
+        })
+    }
+}
+
+/// Why a WebSocket connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed (close frame or EOF).
+    ClientClosed,
+    /// Fell too far behind the ticks (1008).
+    SlowConsumer,
+    /// Broke the WebSocket protocol (1002).
+    ProtocolError,
+    /// Sent a message over the size limit (1009).
+    MessageTooBig,
+    /// Sent a text frame that was not UTF-8 (1007).
+    InvalidUtf8,
+    /// The socket failed.
+    IoError,
+    /// The server shut down (1001).
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::ClientClosed,
+        CloseReason::SlowConsumer,
+        CloseReason::ProtocolError,
+        CloseReason::MessageTooBig,
+        CloseReason::InvalidUtf8,
+        CloseReason::IoError,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::IoError => "io_error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a connection never became a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The HTTP request was malformed or over the limits (400, 431).
+    BadRequest,
+    /// The upgrade request was invalid (400).
+    BadUpgrade,
+    /// The request head did not arrive in time.
+    HandshakeTimeout,
+    /// The process ran out of file descriptors; the connection was not accepted.
+    FdLimit,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 4] = [
+        RefuseReason::BadRequest,
+        RefuseReason::BadUpgrade,
+        RefuseReason::HandshakeTimeout,
+        RefuseReason::FdLimit,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RefuseReason::BadRequest => "bad_request",
+            RefuseReason::BadUpgrade => "bad_upgrade",
+            RefuseReason::HandshakeTimeout => "handshake_timeout",
+            RefuseReason::FdLimit => "fd_limit",
+        }
+    }
+}
+
+/// Everything the loop counts.
+#[derive(Default)]
+pub struct ServerStats {
+    /// Emission minus deadline, per tick (timing thread).
+    pub lateness: LatencyHistogram,
+    /// Deadline to the last byte handed to the kernel, per fan-out (event loop).
+    pub fanout: LatencyHistogram,
+    pub ticks_emitted: u64,
+    pub late_ticks: u64,
+    /// Frames completely written to clients' sockets.
+    pub messages_sent: u64,
+    pub connections_accepted: u64,
+    pub client_errors: u64,
+    pub tempo_changes: u64,
+    closed: [u64; CloseReason::ALL.len()],
+    refused: [u64; RefuseReason::ALL.len()],
+    http_responses: Vec<(u16, u64)>,
+}
+
+impl ServerStats {
+    pub fn record_tick(&mut self, lateness_ns: u64) {
+        self.ticks_emitted += 1;
+        if lateness_ns > LATE_TICK_NS {
+            self.late_ticks += 1;
+        }
+        self.lateness.record(lateness_ns);
+    }
+
+    pub fn count_close(&mut self, reason: CloseReason) {
+        if let Some(i) = CloseReason::ALL.iter().position(|r| *r == reason) {
+            self.closed[i] += 1;
+        }
+    }
+
+    pub fn count_refused(&mut self, reason: RefuseReason) {
+        if let Some(i) = RefuseReason::ALL.iter().position(|r| *r == reason) {
+            self.refused[i] += 1;
+        }
+    }
+
+    pub fn count_http(&mut self, status: u16) {
+        match self.http_responses.iter_mut().find(|(s, _)| *s == status) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.http_responses.push((status, 1));
+                self.http_responses.sort_unstable();
+            }
+        }
+    }
+
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.closed[i])
+    }
+}
+
+/// The live values a report needs besides the counters.
+pub struct Snapshot<'a> {
+    pub bpm: Bpm,
+    pub ppqn: u32,
+    pub clients: usize,
+    pub count: u64,
+    pub uptime_s: f64,
+    /// Ticks the timing thread could not hand to a stalled loop.
+    pub dropped_ticks: u64,
+    pub stats: &'a ServerStats,
+}
+
+/// The `/stats` document.
+pub fn stats_json(s: &Snapshot) -> String {
+    let st = s.stats;
+    let mut closed = serde_json::Map::new();
+    for r in CloseReason::ALL {
+        closed.insert(r.label().into(), st.closed(r).into());
+    }
+    let doc = json!({
+        "bpm": s.bpm,
+        "ppqn": s.ppqn,
+        "clients": s.clients,
+        "count": s.count,
+        "uptime_s": (s.uptime_s * 1000.0).round() / 1000.0,
+        "ticks_emitted": st.ticks_emitted,
+        "late_ticks": st.late_ticks,
+        "dropped_ticks": s.dropped_ticks,
+        "messages_sent": st.messages_sent,
+        "tick_lateness_us": st.lateness.summary().micros(),
+        "fanout_us": st.fanout.summary().micros(),
+        "closed": closed,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    doc.to_string()
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP conductor_{name} {help}\n# TYPE conductor_{name} {kind}");
+}
+
+fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
+    metric(out, name, "summary", help);
+    let s = |ns: u64| ns as f64 / 1e9;
+    for (q, v) in [("0.5", p.p50), ("0.99", p.p99), ("0.999", p.p999), ("1", p.max)] {
+        let _ = writeln!(out, "conductor_{name}{{quantile=\"{q}\"}} {}", s(v));
+    }
+    let _ = writeln!(out, "conductor_{name}_sum {}", p.mean * p.count as f64 / 1e9);
+    let _ = writeln!(out, "conductor_{name}_count {}", p.count);
+}
+
+/// The `/metrics` document, Prometheus text exposition format 0.0.4.
+pub fn metrics_text(s: &Snapshot) -> String {
+    let st = s.stats;
+    let mut out = String::with_capacity(4096);
+    let mut simple = |name: &str, kind: &str, help: &str, value: String| {
+        metric(&mut out, name, kind, help);
+        let _ = writeln!(out, "conductor_{name} {value}");
+    };
+    simple("clients", "gauge", "Connected WebSocket clients.", s.clients.to_string());
+    simple("bpm", "gauge", "Current tempo in beats per minute.", s.bpm.as_f64().to_string());
+    simple("ppqn", "gauge", "Ticks per quarter note.", s.ppqn.to_string());
+    simple("tick_count", "gauge", "Count of the last tick emitted.", s.count.to_string());
+    simple("uptime_seconds", "gauge", "Seconds since start.", s.uptime_s.to_string());
+    simple("ticks_emitted_total", "counter", "Ticks emitted by the timing thread.", st.ticks_emitted.to_string());
+    simple("late_ticks_total", "counter", "Ticks emitted more than 1 ms after their deadline.", st.late_ticks.to_string());
+    simple("dropped_ticks_total", "counter", "Ticks lost because the event loop stalled.", s.dropped_ticks.to_string());
+    simple("messages_sent_total", "counter", "Frames fully written to client sockets.", st.messages_sent.to_string());
+    simple("connections_accepted_total", "counter", "TCP connections accepted.", st.connections_accepted.to_string());
+    simple("client_errors_total", "counter", "Client messages answered with an error event.", st.client_errors.to_string());
+    simple("tempo_changes_total", "counter", "Tempo changes applied.", st.tempo_changes.to_string());
+    summary(
+        &mut out,
+        "tick_lateness_seconds",
+        "Tick emission minus its deadline.",
+        &st.lateness.summary(),
+    );
+    summary(
+        &mut out,
+        "fanout_latency_seconds",
+        "Tick deadline to the last byte handed to the kernel.",
+        &st.fanout.summary(),
+    );
+    metric(&mut out, "connections_closed_total", "counter", "WebSocket connections closed, by reason.");
+    for r in CloseReason::ALL {
+        let _ = writeln!(out, "conductor_connections_closed_total{{reason=\"{}\"}} {}", r.label(), st.closed(r));
+    }
+    metric(&mut out, "connections_refused_total", "counter", "Connections refused before becoming clients, by reason.");
+    for (i, r) in RefuseReason::ALL.iter().enumerate() {
+        let _ = writeln!(out, "conductor_connections_refused_total{{reason=\"{}\"}} {}", r.label(), st.refused[i]);
+    }
+    metric(&mut out, "http_responses_total", "counter", "HTTP responses, by status.");
+    for (status, n) in &st.http_responses {
+        let _ = writeln!(out, "conductor_http_responses_total{{status=\"{status}\"}} {n}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(stats: &ServerStats) -> Snapshot<'_> {
+        Snapshot {
+            bpm: Bpm::whole(120),
+            ppqn: 4,
+            clients: 3,
+            count: 41,
+            uptime_s: 5.25,
+            dropped_ticks: 0,
+            stats,
+        }
+    }
+
+    #[test]
+    fn percentiles_come_from_recorded_values() {
+        let mut h = LatencyHistogram::default();
+        for ns in 1..=1000u64 {
+            h.record(ns * 1000);
+        }
+        let p = h.summary();
+        assert_eq!(p.count, 1000);
+        assert!((495_000..=505_000).contains(&p.p50), "{p:?}");
+        assert!((985_000..=1_000_000).contains(&p.p99), "{p:?}");
+        assert!(p.max >= 995_000, "{p:?}");
+    }
+
+    #[test]
+    fn stats_json_has_the_documented_fields() {
+        let mut st = ServerStats::default();
+        st.record_tick(20_000);
+        st.record_tick(2_000_000);
+        st.fanout.record(50_000);
+        st.count_close(CloseReason::SlowConsumer);
+        let v: serde_json::Value = serde_json::from_str(&stats_json(&snapshot(&st))).unwrap();
+        assert_eq!(v["bpm"], 120);
+        assert_eq!(v["clients"], 3);
+        assert_eq!(v["count"], 41);
+        assert_eq!(v["uptime_s"], 5.25);
+        assert_eq!(v["ticks_emitted"], 2);
+        assert_eq!(v["late_ticks"], 1);
+        assert_eq!(v["closed"]["slow_consumer"], 1);
+        for key in ["p50", "p99", "p999", "max"] {
+            assert!(v["tick_lateness_us"][key].is_number(), "{key}");
+            assert!(v["fanout_us"][key].is_number(), "{key}");
+        }
+        assert!((v["fanout_us"]["max"].as_f64().unwrap() - 50.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn metrics_are_prefixed_and_well_formed() {
+        let mut st = ServerStats::default();
+        st.record_tick(10_000);
+        st.count_http(404);
+        st.count_http(200);
+        st.count_http(404);
+        st.count_refused(RefuseReason::BadUpgrade);
+        let text = metrics_text(&snapshot(&st));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("conductor_"), "{line}");
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+        assert!(text.contains("conductor_clients 3\n"));
+        assert!(text.contains("conductor_ticks_emitted_total 1\n"));
+        assert!(text.contains("conductor_http_responses_total{status=\"404\"} 2\n"));
+        assert!(text.contains("conductor_connections_refused_total{reason=\"bad_upgrade\"} 1\n"));
+        assert!(text.contains("conductor_tick_lateness_seconds{quantile=\"0.99\"}"));
+        assert!(text.contains("conductor_connections_closed_total{reason=\"slow_consumer\"} 0\n"));
+    }
+}

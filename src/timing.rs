@@ -1,0 +1,243 @@
+//! The timing thread: the one place that decides when a tick happens.
+//!
+//! It owns the [`TickSchedule`] and nothing else. It sleeps until each deadline, stamps the tick,
+//! pushes it into a wait-free ring ([`rtrb`]) and wakes the event loop through a [`mio::Waker`].
+//! It must never block on a lock, allocate per tick, touch a socket or log on the tick path:
+//! anything slow here moves every client's downbeat.
+//!
+//! Sleeping happens in two stages. Far from the deadline the thread parks (interruptibly, so a
+//! tempo change is seen at once); within [`COARSE_MARGIN`] of it, `spin_sleep` sleeps natively
+//! and spins only the last [`SPIN_NS`].
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{info, warn};
+use mio::Waker;
+use rtrb::{Consumer, Producer, RingBuffer};
+use spin_sleep::{SpinSleeper, SpinStrategy};
+
+use crate::clock::Clock;
+use crate::rt;
+use crate::tempo::{Bpm, TickSchedule};
+
+/// How far ahead of a deadline the thread stops parking and hands over to `spin_sleep`.
+const COARSE_MARGIN: Duration = Duration::from_millis(2);
+/// How much of the final stretch `spin_sleep` spins rather than sleeps.
+const SPIN_NS: u32 = 200_000;
+/// Ticks the ring holds: 12 s at 200 BPM with 24 ppqn, far more than the loop can lag.
+const EVENT_RING: usize = 1024;
+const COMMAND_RING: usize = 64;
+/// The timing thread needs little stack; a small one keeps RSS down.
+const STACK_BYTES: usize = 64 * 1024;
+
+/// One tick, as the timing thread emitted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tick {
+    pub count: u64,
+    /// When it was due, in ns since the clock's epoch.
+    pub deadline_ns: u64,
+    /// When the thread actually emitted it.
+    pub emitted_ns: u64,
+    pub bpm: Bpm,
+}
+
+impl Tick {
+    /// Emission minus deadline.
+    pub fn lateness_ns(&self) -> u64 {
+        self.emitted_ns.saturating_sub(self.deadline_ns)
+    }
+}
+
+/// What the timing thread tells the event loop, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimingEvent {
+    Tick(Tick),
+    /// A tempo change took effect: tick `from_count` is the first at `bpm`, due at `at_ns`.
+    Tempo { bpm: Bpm, from_count: u64, at_ns: u64 },
+}
+
+/// What the event loop asks of the timing thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimingCommand {
+    SetTempo(Bpm),
+    Stop,
+}
+
+/// Real-time requests for the thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Realtime {
+    /// `SCHED_FIFO` priority, or 0 to stay on the normal scheduler.
+    pub fifo_priority: i32,
+}
+
+/// The event loop's side of the timing thread.
+pub struct TimingThread {
+    commands: Producer<TimingCommand>,
+    handle: JoinHandle<()>,
+    /// Ticks the thread could not hand over because the ring was full (the loop was stalled).
+    dropped: Arc<AtomicU64>,
+}
+
+/// The receiving end the event loop polls.
+pub type TimingEvents = Consumer<TimingEvent>;
+
+impl TimingThread {
+    /// Starts the thread. Tick 0 is due one millisecond from now, giving the loop time to reach
+    /// `poll` first.
+    pub fn spawn(
+        bpm: Bpm,
+        ppqn: u32,
+        clock: Clock,
+        waker: Arc<Waker>,
+        realtime: Realtime,
+    ) -> io::Result<(TimingThread, TimingEvents)> {
+        let (commands, command_rx) = RingBuffer::new(COMMAND_RING);
+        let (events_tx, events) = RingBuffer::new(EVENT_RING);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let start_ns = clock.now_ns() + 1_000_000;
+        let schedule = TickSchedule::new(bpm, ppqn, start_ns);
+        let ticker = Ticker {
+            schedule,
+            clock,
+            commands: command_rx,
+            events: events_tx,
+            waker,
+            dropped: Arc::clone(&dropped),
+            next: 0,
+        };
+        let handle = thread::Builder::new()
+            .name("conductor-timing".into())
+            .stack_size(STACK_BYTES)
+            .spawn(move || {
+                apply_realtime(realtime);
+                ticker.run();
+            })?;
+        Ok((
+            TimingThread {
+                commands,
+                handle,
+                dropped,
+            },
+            events,
+        ))
+    }
+
+    /// Queues a command and wakes the thread if it is parked. Returns false when the command
+    /// ring is full (the thread is not keeping up with commands), so the caller can refuse.
+    pub fn send(&mut self, command: TimingCommand) -> bool {
+        let sent = self.commands.push(command).is_ok();
+        self.handle.thread().unpark();
+        sent
+    }
+
+    pub fn dropped_ticks(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        while !self.send(TimingCommand::Stop) {
+            thread::yield_now();
+        }
+        if self.handle.join().is_err() {
+            warn!("timing thread panicked during shutdown");
+        }
+    }
+}
+
+fn apply_realtime(realtime: Realtime) {
+    if let Err(e) = rt::set_min_timer_slack() {
+        info!("timing: timer slack unchanged ({e})");
+    }
+    if realtime.fifo_priority > 0 {
+        match rt::set_fifo_priority(realtime.fifo_priority) {
+            Ok(()) => info!(
+                "timing: SCHED_FIFO priority {}",
+                realtime.fifo_priority
+            ),
+            Err(e) => info!(
+                "timing: no real-time priority ({e}); running on the normal scheduler \
+                 (grant CAP_SYS_NICE to enable)"
+            ),
+        }
+    }
+}
+
+/// The state the timing thread owns.
+struct Ticker {
+    schedule: TickSchedule,
+    clock: Clock,
+    commands: Consumer<TimingCommand>,
+    events: Producer<TimingEvent>,
+    waker: Arc<Waker>,
+    dropped: Arc<AtomicU64>,
+    /// The count of the next tick to emit.
+    next: u64,
+}
+
+impl Ticker {
+    fn run(mut self) {
+        let sleeper = SpinSleeper::new(SPIN_NS).with_spin_strategy(SpinStrategy::SpinLoopHint);
+        let coarse_ns = COARSE_MARGIN.as_nanos() as u64;
+        loop {
+            if !self.apply_commands() {
+                return;
+            }
+            let deadline = self.schedule.deadline_ns(self.next);
+            let now = self.clock.now_ns();
+            if deadline > now + coarse_ns {
+                // Interruptible: the loop unparks us when it queues a command.
+                thread::park_timeout(Duration::from_nanos(deadline - now - coarse_ns));
+                continue;
+            }
+            sleeper.sleep_until(self.clock.instant(deadline));
+            if !self.commands.is_empty() {
+                // A change that arrived during the final stretch still applies to this tick.
+                continue;
+            }
+            let tick = Tick {
+                count: self.next,
+                deadline_ns: deadline,
+                emitted_ns: self.clock.now_ns(),
+                bpm: self.schedule.bpm(),
+            };
+            self.emit(TimingEvent::Tick(tick));
+            self.next += 1;
+        }
+    }
+
+    /// Applies queued commands; false on `Stop`.
+    fn apply_commands(&mut self) -> bool {
+        while let Ok(command) = self.commands.pop() {
+            match command {
+                TimingCommand::Stop => return false,
+                TimingCommand::SetTempo(bpm) => {
+                    // Re-sending the current tempo changes nothing, but is still announced:
+                    // the predecessor answered every setBpm with a bpmChange.
+                    if bpm != self.schedule.bpm() {
+                        let now = self.clock.now_ns();
+                        self.schedule = self.schedule.retempo(self.next, now, bpm);
+                    }
+                    self.emit(TimingEvent::Tempo {
+                        bpm,
+                        from_count: self.schedule.anchor_count(),
+                        at_ns: self.schedule.anchor_ns(),
+                    });
+                }
+            }
+        }
+        true
+    }
+
+    fn emit(&mut self, event: TimingEvent) {
+        if self.events.push(event).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        // A failed wake means the poll is gone (shutdown); nothing to do about it here.
+        let _ = self.waker.wake();
+    }
+}
