@@ -68,7 +68,10 @@ mod tests {
     #[test]
     fn unix_time_tracks_the_system_clock() {
         let c = Clock::start();
-        let sys = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128;
+        let sys = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
         let ours = c.unix_now_ns() as i128;
         assert!((sys - ours).abs() < 50_000_000, "{sys} vs {ours}");
     }

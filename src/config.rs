@@ -80,7 +80,9 @@ pub struct Config {
 /// A setting that cannot work, with what to do about it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum ConfigError {
-    #[error("--{flag} {value} is not a usable tempo; give a number above 0 and at most {BPM_CEILING}")]
+    #[error(
+        "--{flag} {value} is not a usable tempo; give a number above 0 and at most {BPM_CEILING}"
+    )]
     BadTempo { flag: &'static str, value: String },
     #[error("--min-bpm {min} is above --max-bpm {max}")]
     EmptyRange { min: Bpm, max: Bpm },
@@ -177,16 +179,34 @@ mod tests {
 
     #[test]
     fn inconsistent_settings_are_refused() {
-        assert!(matches!(parse(&["--bpm", "250"]), Err(ConfigError::BpmOutOfRange { .. })));
+        assert!(matches!(
+            parse(&["--bpm", "250"]),
+            Err(ConfigError::BpmOutOfRange { .. })
+        ));
         assert!(matches!(
             parse(&["--min-bpm", "150", "--max-bpm", "100", "--bpm", "120"]),
             Err(ConfigError::EmptyRange { .. })
         ));
-        assert!(matches!(parse(&["--bpm", "NaN"]), Err(ConfigError::BadTempo { .. })));
-        assert!(matches!(parse(&["--bpm=-3"]), Err(ConfigError::BadTempo { .. })));
-        assert_eq!(parse(&["--ppqn", "0"]).unwrap_err(), ConfigError::BadPpqn(0));
-        assert_eq!(parse(&["--max-queue", "1"]).unwrap_err(), ConfigError::BadQueue(1));
-        assert_eq!(parse(&["--rt-priority", "100"]).unwrap_err(), ConfigError::BadPriority(100));
+        assert!(matches!(
+            parse(&["--bpm", "NaN"]),
+            Err(ConfigError::BadTempo { .. })
+        ));
+        assert!(matches!(
+            parse(&["--bpm=-3"]),
+            Err(ConfigError::BadTempo { .. })
+        ));
+        assert_eq!(
+            parse(&["--ppqn", "0"]).unwrap_err(),
+            ConfigError::BadPpqn(0)
+        );
+        assert_eq!(
+            parse(&["--max-queue", "1"]).unwrap_err(),
+            ConfigError::BadQueue(1)
+        );
+        assert_eq!(
+            parse(&["--rt-priority", "100"]).unwrap_err(),
+            ConfigError::BadPriority(100)
+        );
     }
 
     #[test]

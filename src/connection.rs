@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use tungstenite::Message;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
-use tungstenite::Message;
 
 use crate::http::{self, HttpError, Request};
 use crate::protocol::SharedFrame;
@@ -201,7 +201,7 @@ pub struct Connection {
     out: OutQueue,
     /// When the connection was accepted (for the handshake timeout).
     pub accepted: Instant,
-    /// Why a WebSocket client stopped being one; set once, when it leaves `Open`.
+    /// Why a WebSocket client stopped being one; set when it leaves `Open`, until taken.
     close_reason: Option<CloseReason>,
 }
 
@@ -237,9 +237,10 @@ impl Connection {
         self.out.len()
     }
 
-    /// Why this connection stopped being a WebSocket client, if it ever was one.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        self.close_reason
+    /// Why this connection stopped being a WebSocket client, handed out once so the caller
+    /// counts each close exactly once, at the moment it happens.
+    pub fn take_close_reason(&mut self) -> Option<CloseReason> {
+        self.close_reason.take()
     }
 
     /// Leaves `Open` (or any state) for `next`, remembering why a client ended.
@@ -397,14 +398,15 @@ impl Connection {
                 return 0;
             }
         };
-        if let State::Closing { write_shut, .. } = &mut self.state {
-            if !*write_shut && self.out.is_empty() {
-                // Everything is out: half-close, then wait for the peer's EOF so the kernel never
-                // answers its last bytes with a reset that would destroy our response.
-                *write_shut = true;
-                if self.sock.shutdown(Shutdown::Write).is_err() {
-                    self.state = State::Done;
-                }
+        if let State::Closing { write_shut, .. } = &mut self.state
+            && !*write_shut
+            && self.out.is_empty()
+        {
+            // Everything is out: half-close, then wait for the peer's EOF so the kernel never
+            // answers its last bytes with a reset that would destroy our response.
+            *write_shut = true;
+            if self.sock.shutdown(Shutdown::Write).is_err() {
+                self.state = State::Done;
             }
         }
         completed
@@ -487,7 +489,11 @@ mod tests {
         let mut q = OutQueue::default();
         q.push(frame(b"hello"));
         q.push(frame(b"world!"));
-        let mut w = Trickle { got: vec![], cap: 3, calls: 2 };
+        let mut w = Trickle {
+            got: vec![],
+            cap: 3,
+            calls: 2,
+        };
         assert_eq!(q.write_to(&mut w).unwrap(), (Flushed::Blocked, 1));
         assert_eq!(q.len(), 1);
         w.calls = 10;
@@ -500,7 +506,11 @@ mod tests {
         let mut q = OutQueue::default();
         q.push_uncounted(frame(b"HTTP/1.1 101"));
         q.push(frame(b"hello"));
-        let mut w = Trickle { got: vec![], cap: 100, calls: 10 };
+        let mut w = Trickle {
+            got: vec![],
+            cap: 100,
+            calls: 10,
+        };
         assert_eq!(q.write_to(&mut w).unwrap(), (Flushed::All, 1));
     }
 
@@ -510,7 +520,11 @@ mod tests {
         for f in [b"aaaa", b"bbbb", b"cccc"] {
             q.push(frame(f));
         }
-        let mut w = Trickle { got: vec![], cap: 2, calls: 1 };
+        let mut w = Trickle {
+            got: vec![],
+            cap: 2,
+            calls: 1,
+        };
         let _ = q.write_to(&mut w).unwrap();
         q.drop_unstarted();
         q.push(frame(b"CLOSE"));

@@ -159,14 +159,17 @@ pub enum UpgradeError {
 
 /// Validates a WebSocket upgrade (RFC 6455 §4.2.1) and returns the `Sec-WebSocket-Accept` value.
 pub fn check_upgrade(req: &Request) -> Result<String, UpgradeError> {
-    if !req.header_has_token("upgrade", "websocket") || !req.header_has_token("connection", "upgrade")
+    if !req.header_has_token("upgrade", "websocket")
+        || !req.header_has_token("connection", "upgrade")
     {
         return Err(UpgradeError::NotAnUpgrade);
     }
     if req.header("sec-websocket-version") != Some("13") {
         return Err(UpgradeError::BadVersion);
     }
-    let key = req.header("sec-websocket-key").ok_or(UpgradeError::BadKey)?;
+    let key = req
+        .header("sec-websocket-key")
+        .ok_or(UpgradeError::BadKey)?;
     if !is_base64_nonce(key) {
         return Err(UpgradeError::BadKey);
     }
@@ -281,8 +284,16 @@ mod tests {
         let many: String = (0..=MAX_HEADERS).map(|i| format!("H{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert_eq!(parse_request(many.as_bytes()).unwrap_err().status(), 431);
-        for bad in ["\x16\x03\x01garbage\r\n\r\n", "GET / HTTP/9.9\r\n\r\n", "GET\r\n\r\n"] {
-            assert_eq!(parse_request(bad.as_bytes()).unwrap_err().status(), 400, "{bad:?}");
+        for bad in [
+            "\x16\x03\x01garbage\r\n\r\n",
+            "GET / HTTP/9.9\r\n\r\n",
+            "GET\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_request(bad.as_bytes()).unwrap_err().status(),
+                400,
+                "{bad:?}"
+            );
         }
     }
 
@@ -296,7 +307,12 @@ mod tests {
         assert_eq!(route("GET", "/nope"), Route::NotFound);
         assert_eq!(route("POST", "/"), Route::MethodNotAllowed);
         assert_eq!(route("HEAD", "/healthz"), Route::MethodNotAllowed);
-        for sneaky in ["/../Cargo.toml", "/%2e%2e/etc/passwd", "//etc/passwd", "/www/index.html"] {
+        for sneaky in [
+            "/../Cargo.toml",
+            "/%2e%2e/etc/passwd",
+            "//etc/passwd",
+            "/www/index.html",
+        ] {
             assert_eq!(route("GET", sneaky), Route::NotFound, "{sneaky}");
         }
     }
@@ -313,12 +329,30 @@ mod tests {
     #[test]
     fn upgrade_refuses_bad_requests() {
         let cases = [
-            (UPGRADE.replace("Upgrade: websocket\r\n", ""), UpgradeError::NotAnUpgrade),
-            (UPGRADE.replace("keep-alive, Upgrade", "close"), UpgradeError::NotAnUpgrade),
-            (UPGRADE.replace("Version: 13", "Version: 8"), UpgradeError::BadVersion),
-            (UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), UpgradeError::BadKey),
-            (UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25j*Q=="), UpgradeError::BadKey),
-            (UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), UpgradeError::BadKey),
+            (
+                UPGRADE.replace("Upgrade: websocket\r\n", ""),
+                UpgradeError::NotAnUpgrade,
+            ),
+            (
+                UPGRADE.replace("keep-alive, Upgrade", "close"),
+                UpgradeError::NotAnUpgrade,
+            ),
+            (
+                UPGRADE.replace("Version: 13", "Version: 8"),
+                UpgradeError::BadVersion,
+            ),
+            (
+                UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+                UpgradeError::BadKey,
+            ),
+            (
+                UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25j*Q=="),
+                UpgradeError::BadKey,
+            ),
+            (
+                UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                UpgradeError::BadKey,
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(check_upgrade(&parse(&text)), Err(want), "{text}");

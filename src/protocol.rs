@@ -202,7 +202,10 @@ mod tests {
 
     #[test]
     fn bpm_change_data_is_the_bare_number() {
-        assert_eq!(bpm_change(Bpm::whole(140)), r#"{"event":"bpmChange","data":140}"#);
+        assert_eq!(
+            bpm_change(Bpm::whole(140)),
+            r#"{"event":"bpmChange","data":140}"#
+        );
         assert_eq!(
             bpm_change(Bpm::from_f64(92.5).unwrap()),
             r#"{"event":"bpmChange","data":92.5}"#

@@ -15,7 +15,8 @@ pub fn set_fifo_priority(priority: i32) -> io::Result<()> {
         };
         // SAFETY: pthread_self() is always a valid handle for the calling thread, and `param`
         // outlives the call.
-        let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+        let rc =
+            unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
         if rc == 0 {
             Ok(())
         } else {
@@ -56,7 +57,8 @@ pub fn lock_memory() -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: mlockall takes flags only.
-        let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+        let rc =
+            unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
         if rc == 0 {
             Ok(())
         } else {

@@ -99,8 +99,9 @@ impl Server {
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
         };
-        let (timing, timing_events) = TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
-            .map_err(ServerError::Timing)?;
+        let (timing, timing_events) =
+            TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
+                .map_err(ServerError::Timing)?;
         Ok(Server {
             bpm: cfg.bpm,
             cfg,
@@ -149,7 +150,8 @@ impl Server {
                     LISTENER => self.accept(),
                     SIGNALS => self.on_signal(),
                     Token(key) => {
-                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        let readable =
+                            event.is_readable() || event.is_read_closed() || event.is_error();
                         self.drive(key, readable, event.is_writable());
                     }
                 }
@@ -162,10 +164,10 @@ impl Server {
                 self.housekeeping(now);
                 next_housekeeping = now + HOUSEKEEPING;
             }
-            if let Some(by) = self.shutdown_by {
-                if self.conns.is_empty() || now >= by {
-                    break;
-                }
+            if let Some(by) = self.shutdown_by
+                && (self.conns.is_empty() || now >= by)
+            {
+                break;
             }
         }
         let left = self.conns.len();
@@ -217,11 +219,11 @@ impl Server {
         }
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key());
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+        {
             warn!("cannot register connection from {peer}: {e}");
             return;
         }
@@ -235,49 +237,53 @@ impl Server {
         };
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(conn.socket());
-        if let Some(reason) = conn.close_reason() {
-            self.stats.count_close(reason);
-            debug!("ws closed peer={} reason={}", conn.peer, reason.label());
-        }
+        count_close(&mut self.stats, &mut conn);
     }
 
     /// Handles readiness on one connection, following it through state changes.
     fn drive(&mut self, key: usize, readable: bool, writable: bool) {
         let now = Instant::now();
-        if writable {
-            if let Some(conn) = self.conns.get_mut(key) {
-                self.stats.messages_sent += conn.flush();
-            }
+        if writable && let Some(conn) = self.conns.get_mut(key) {
+            self.stats.messages_sent += conn.flush();
         }
-        while readable {
-            let Some(conn) = self.conns.get_mut(key) else {
-                return;
-            };
-            match conn.state() {
-                State::Http { .. } => match conn.read_head() {
-                    HeadRead::Pending => break,
-                    HeadRead::Request(req) => self.on_request(key, req, now),
-                    HeadRead::Invalid(e) => {
-                        self.stats.count_refused(RefuseReason::BadRequest);
-                        self.stats.count_http(e.status());
-                        conn.respond(http::text_error(e.status(), &e.to_string()), now);
+        if readable {
+            loop {
+                let Some(conn) = self.conns.get_mut(key) else {
+                    return;
+                };
+                match conn.state() {
+                    State::Http { .. } => match conn.read_head() {
+                        HeadRead::Pending => break,
+                        HeadRead::Request(req) => self.on_request(key, req, now),
+                        HeadRead::Invalid(e) => {
+                            self.stats.count_refused(RefuseReason::BadRequest);
+                            self.stats.count_http(e.status());
+                            conn.respond(http::text_error(e.status(), &e.to_string()), now);
+                        }
+                        HeadRead::Gone => conn.abort(CloseReason::ClientClosed),
+                    },
+                    State::Open { .. } => match conn.read_ws(now) {
+                        WsRead::Message(m) => {
+                            self.on_message(key, m);
+                            // A chatty client must not hold back a tick that is due.
+                            if !self.timing_events.is_empty() {
+                                self.drain_timing();
+                            }
+                        }
+                        WsRead::Pending => break,
+                        WsRead::Ended(_) => {}
+                    },
+                    State::Closing { .. } => {
+                        conn.drain_input();
+                        break;
                     }
-                    HeadRead::Gone => conn.abort(CloseReason::ClientClosed),
-                },
-                State::Open { .. } => match conn.read_ws(now) {
-                    WsRead::Message(m) => self.on_message(key, m),
-                    WsRead::Pending => break,
-                    WsRead::Ended(_) => {}
-                },
-                State::Closing { .. } => {
-                    conn.drain_input();
-                    break;
+                    State::Done => break,
                 }
-                State::Done => break,
             }
         }
         if let Some(conn) = self.conns.get_mut(key) {
             self.stats.messages_sent += conn.flush();
+            count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.remove(key);
             }
@@ -298,7 +304,11 @@ impl Server {
             Route::Healthz => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
             Route::Stats => (
                 200,
-                http::response(200, "application/json", stats::stats_json(&self.snapshot()).as_bytes()),
+                http::response(
+                    200,
+                    "application/json",
+                    stats::stats_json(&self.snapshot()).as_bytes(),
+                ),
             ),
             Route::Metrics => (
                 200,
@@ -404,7 +414,9 @@ impl Server {
         );
         self.broadcast(&protocol::text_frame(&protocol::tick(&data)));
         let done = self.clock.now_ns();
-        self.stats.fanout.record(done.saturating_sub(tick.deadline_ns));
+        self.stats
+            .fanout
+            .record(done.saturating_sub(tick.deadline_ns));
     }
 
     /// Queues `frame` on every open client and writes it out. Clients already `max_queue`
@@ -418,9 +430,15 @@ impl Server {
             }
             if !conn.send(frame, limit) {
                 debug!("slow consumer peer={} queued={}", conn.peer, conn.queued());
-                conn.close_ws(CloseCode::Policy, "too slow: fell behind the ticks", CloseReason::SlowConsumer, now);
+                conn.close_ws(
+                    CloseCode::Policy,
+                    "too slow: fell behind the ticks",
+                    CloseReason::SlowConsumer,
+                    now,
+                );
             }
             self.stats.messages_sent += conn.flush();
+            count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.finished.push(key);
             }
@@ -476,12 +494,18 @@ impl Server {
         for (key, conn) in self.conns.iter_mut() {
             match conn.state() {
                 State::Open { .. } => {
-                    conn.close_ws(CloseCode::Away, "server shutting down", CloseReason::Shutdown, now);
+                    conn.close_ws(
+                        CloseCode::Away,
+                        "server shutting down",
+                        CloseReason::Shutdown,
+                        now,
+                    );
                     self.stats.messages_sent += conn.flush();
                 }
                 State::Http { .. } => conn.abort(CloseReason::Shutdown),
                 State::Closing { .. } | State::Done => {}
             }
+            count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.finished.push(key);
             }
@@ -499,5 +523,14 @@ impl Server {
             dropped_ticks: self.timing.dropped_ticks(),
             stats: &self.stats,
         }
+    }
+}
+
+/// Counts a client's close once, when it happens (not when its socket is finally dropped, which
+/// may be seconds later for a slow consumer).
+fn count_close(stats: &mut ServerStats, conn: &mut Connection) {
+    if let Some(reason) = conn.take_close_reason() {
+        stats.count_close(reason);
+        debug!("ws closed peer={} reason={}", conn.peer, reason.label());
     }
 }

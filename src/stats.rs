@@ -238,16 +238,28 @@ pub fn stats_json(s: &Snapshot) -> String {
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP conductor_{name} {help}\n# TYPE conductor_{name} {kind}");
+    let _ = writeln!(
+        out,
+        "# HELP conductor_{name} {help}\n# TYPE conductor_{name} {kind}"
+    );
 }
 
 fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
     metric(out, name, "summary", help);
     let s = |ns: u64| ns as f64 / 1e9;
-    for (q, v) in [("0.5", p.p50), ("0.99", p.p99), ("0.999", p.p999), ("1", p.max)] {
+    for (q, v) in [
+        ("0.5", p.p50),
+        ("0.99", p.p99),
+        ("0.999", p.p999),
+        ("1", p.max),
+    ] {
         let _ = writeln!(out, "conductor_{name}{{quantile=\"{q}\"}} {}", s(v));
     }
-    let _ = writeln!(out, "conductor_{name}_sum {}", p.mean * p.count as f64 / 1e9);
+    let _ = writeln!(
+        out,
+        "conductor_{name}_sum {}",
+        p.mean * p.count as f64 / 1e9
+    );
     let _ = writeln!(out, "conductor_{name}_count {}", p.count);
 }
 
@@ -259,18 +271,78 @@ pub fn metrics_text(s: &Snapshot) -> String {
         metric(&mut out, name, kind, help);
         let _ = writeln!(out, "conductor_{name} {value}");
     };
-    simple("clients", "gauge", "Connected WebSocket clients.", s.clients.to_string());
-    simple("bpm", "gauge", "Current tempo in beats per minute.", s.bpm.as_f64().to_string());
-    simple("ppqn", "gauge", "Ticks per quarter note.", s.ppqn.to_string());
-    simple("tick_count", "gauge", "Count of the last tick emitted.", s.count.to_string());
-    simple("uptime_seconds", "gauge", "Seconds since start.", s.uptime_s.to_string());
-    simple("ticks_emitted_total", "counter", "Ticks emitted by the timing thread.", st.ticks_emitted.to_string());
-    simple("late_ticks_total", "counter", "Ticks emitted more than 1 ms after their deadline.", st.late_ticks.to_string());
-    simple("dropped_ticks_total", "counter", "Ticks lost because the event loop stalled.", s.dropped_ticks.to_string());
-    simple("messages_sent_total", "counter", "Frames fully written to client sockets.", st.messages_sent.to_string());
-    simple("connections_accepted_total", "counter", "TCP connections accepted.", st.connections_accepted.to_string());
-    simple("client_errors_total", "counter", "Client messages answered with an error event.", st.client_errors.to_string());
-    simple("tempo_changes_total", "counter", "Tempo changes applied.", st.tempo_changes.to_string());
+    simple(
+        "clients",
+        "gauge",
+        "Connected WebSocket clients.",
+        s.clients.to_string(),
+    );
+    simple(
+        "bpm",
+        "gauge",
+        "Current tempo in beats per minute.",
+        s.bpm.as_f64().to_string(),
+    );
+    simple(
+        "ppqn",
+        "gauge",
+        "Ticks per quarter note.",
+        s.ppqn.to_string(),
+    );
+    simple(
+        "tick_count",
+        "gauge",
+        "Count of the last tick emitted.",
+        s.count.to_string(),
+    );
+    simple(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        s.uptime_s.to_string(),
+    );
+    simple(
+        "ticks_emitted_total",
+        "counter",
+        "Ticks emitted by the timing thread.",
+        st.ticks_emitted.to_string(),
+    );
+    simple(
+        "late_ticks_total",
+        "counter",
+        "Ticks emitted more than 1 ms after their deadline.",
+        st.late_ticks.to_string(),
+    );
+    simple(
+        "dropped_ticks_total",
+        "counter",
+        "Ticks lost because the event loop stalled.",
+        s.dropped_ticks.to_string(),
+    );
+    simple(
+        "messages_sent_total",
+        "counter",
+        "Frames fully written to client sockets.",
+        st.messages_sent.to_string(),
+    );
+    simple(
+        "connections_accepted_total",
+        "counter",
+        "TCP connections accepted.",
+        st.connections_accepted.to_string(),
+    );
+    simple(
+        "client_errors_total",
+        "counter",
+        "Client messages answered with an error event.",
+        st.client_errors.to_string(),
+    );
+    simple(
+        "tempo_changes_total",
+        "counter",
+        "Tempo changes applied.",
+        st.tempo_changes.to_string(),
+    );
     summary(
         &mut out,
         "tick_lateness_seconds",
@@ -283,17 +355,45 @@ pub fn metrics_text(s: &Snapshot) -> String {
         "Tick deadline to the last byte handed to the kernel.",
         &st.fanout.summary(),
     );
-    metric(&mut out, "connections_closed_total", "counter", "WebSocket connections closed, by reason.");
+    metric(
+        &mut out,
+        "connections_closed_total",
+        "counter",
+        "WebSocket connections closed, by reason.",
+    );
     for r in CloseReason::ALL {
-        let _ = writeln!(out, "conductor_connections_closed_total{{reason=\"{}\"}} {}", r.label(), st.closed(r));
+        let _ = writeln!(
+            out,
+            "conductor_connections_closed_total{{reason=\"{}\"}} {}",
+            r.label(),
+            st.closed(r)
+        );
     }
-    metric(&mut out, "connections_refused_total", "counter", "Connections refused before becoming clients, by reason.");
+    metric(
+        &mut out,
+        "connections_refused_total",
+        "counter",
+        "Connections refused before becoming clients, by reason.",
+    );
     for (i, r) in RefuseReason::ALL.iter().enumerate() {
-        let _ = writeln!(out, "conductor_connections_refused_total{{reason=\"{}\"}} {}", r.label(), st.refused[i]);
+        let _ = writeln!(
+            out,
+            "conductor_connections_refused_total{{reason=\"{}\"}} {}",
+            r.label(),
+            st.refused[i]
+        );
     }
-    metric(&mut out, "http_responses_total", "counter", "HTTP responses, by status.");
+    metric(
+        &mut out,
+        "http_responses_total",
+        "counter",
+        "HTTP responses, by status.",
+    );
     for (status, n) in &st.http_responses {
-        let _ = writeln!(out, "conductor_http_responses_total{{status=\"{status}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "conductor_http_responses_total{{status=\"{status}\"}} {n}"
+        );
     }
     out
 }

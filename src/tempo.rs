@@ -60,7 +60,7 @@ impl Bpm {
     /// True when the tempo has no fractional part, so it prints as an integer (`120`, not
     /// `120.0`) exactly as the predecessor's JavaScript clients expect.
     pub fn is_whole(self) -> bool {
-        self.0 % Self::SCALE == 0
+        self.0.is_multiple_of(Self::SCALE)
     }
 }
 
@@ -158,7 +158,8 @@ impl TickSchedule {
             // Nothing of this tempo was emitted before `from_count`: keep its deadline.
             self.deadline_ns(from_count)
         } else {
-            self.deadline_ns(from_count - 1).saturating_add(next.span_ns(1))
+            self.deadline_ns(from_count - 1)
+                .saturating_add(next.span_ns(1))
         };
         TickSchedule {
             anchor_count: from_count,
@@ -230,7 +231,11 @@ mod tests {
         let s = TickSchedule::new(Bpm::whole(120), 4, 0);
         // Ticks 0..=10 emitted at 125 ms; tick 11 is the first at 150 BPM (100 ms).
         let c = s.retempo(11, s.deadline_ns(10), Bpm::whole(150));
-        assert_eq!(c.deadline_ns(10), c.anchor_ns(), "earlier counts clamp to the anchor");
+        assert_eq!(
+            c.deadline_ns(10),
+            c.anchor_ns(),
+            "earlier counts clamp to the anchor"
+        );
         assert_eq!(c.deadline_ns(11), 1_250_000_000 + 100_000_000);
         assert_eq!(c.deadline_ns(21), 1_250_000_000 + 11 * 100_000_000);
         assert_eq!(c.anchor_count(), 11);

@@ -57,7 +57,11 @@ impl Tick {
 pub enum TimingEvent {
     Tick(Tick),
     /// A tempo change took effect: tick `from_count` is the first at `bpm`, due at `at_ns`.
-    Tempo { bpm: Bpm, from_count: u64, at_ns: u64 },
+    Tempo {
+        bpm: Bpm,
+        from_count: u64,
+        at_ns: u64,
+    },
 }
 
 /// What the event loop asks of the timing thread.
@@ -155,10 +159,7 @@ fn apply_realtime(realtime: Realtime) {
     }
     if realtime.fifo_priority > 0 {
         match rt::set_fifo_priority(realtime.fifo_priority) {
-            Ok(()) => info!(
-                "timing: SCHED_FIFO priority {}",
-                realtime.fifo_priority
-            ),
+            Ok(()) => info!("timing: SCHED_FIFO priority {}", realtime.fifo_priority),
             Err(e) => info!(
                 "timing: no real-time priority ({e}); running on the normal scheduler \
                  (grant CAP_SYS_NICE to enable)"
