@@ -155,11 +155,8 @@ impl ClientError {
 
 /// Parses one text message from a client.
 pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        let mut reason = e.to_string();
-        reason.truncate(80);
-        ClientError::InvalidJson(reason)
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ClientError::InvalidJson(clip(&e.to_string(), 80)))?;
     let Value::Object(mut fields) = value else {
         return Err(ClientError::NotAnEvent);
     };
@@ -171,12 +168,14 @@ pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
             Some(bpm) => Ok(ClientMessage::SetBpm(bpm)),
             None => Err(ClientError::NotANumber),
         },
-        _ => {
-            let mut name = event;
-            name.truncate(40);
-            Err(ClientError::UnknownEvent(name))
-        }
+        _ => Err(ClientError::UnknownEvent(clip(&event, 40))),
     }
+}
+
+/// At most `chars` characters of `text`: echoing untrusted text back must stay short, and
+/// cutting by bytes could split a character.
+fn clip(text: &str, chars: usize) -> String {
+    text.chars().take(chars).collect()
 }
 
 /// The tempo `value` asks for, if it lies within `[min, max]`.
@@ -249,6 +248,16 @@ mod tests {
             let err = decode(text).expect_err(text);
             assert_eq!(err.code(), code, "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn long_multibyte_event_names_are_clipped_by_character() {
+        let name = format!("a{}", "é".repeat(60));
+        let err = decode(&format!(r#"{{"event":"{name}"}}"#)).unwrap_err();
+        let ClientError::UnknownEvent(echoed) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(echoed.chars().count(), 40);
     }
 
     #[test]
