@@ -48,6 +48,11 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_MESSAGE_BYTES", default_value_t = 4096)]
     pub max_message_bytes: usize,
 
+    /// Messages a client may send per second; more get an error event, ten times more a 1008
+    /// close.
+    #[arg(long, env = "CONDUCTOR_MAX_MESSAGES_PER_SEC", default_value_t = 20)]
+    pub max_messages_per_sec: u32,
+
     /// Seconds a connection may take to send its HTTP request or upgrade.
     #[arg(long, env = "CONDUCTOR_HANDSHAKE_TIMEOUT", default_value_t = 10)]
     pub handshake_timeout: u64,
@@ -55,6 +60,11 @@ pub struct Cli {
     /// SCHED_FIFO priority for the timing thread (1-99), or 0 to not ask for one.
     #[arg(long, env = "CONDUCTOR_RT_PRIORITY", default_value_t = 50)]
     pub rt_priority: i32,
+
+    /// Microseconds before each tick to wake the event loop, so that waking it is not on the
+    /// tick's path (0 = off).
+    #[arg(long, env = "CONDUCTOR_PREWAKE_US", default_value_t = 500)]
+    pub prewake_us: u64,
 
     /// Do not lock the process's memory (mlockall).
     #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
@@ -72,8 +82,10 @@ pub struct Config {
     pub ppqn: u32,
     pub max_queue: usize,
     pub max_message_bytes: usize,
+    pub max_messages_per_sec: u32,
     pub handshake_timeout: Duration,
     pub rt_priority: i32,
+    pub prewake: Duration,
     pub mlock: bool,
 }
 
@@ -94,10 +106,14 @@ pub enum ConfigError {
     BadQueue(usize),
     #[error("--max-message-bytes {0} is out of range; use 64 to 1048576")]
     BadMessageSize(usize),
+    #[error("--max-messages-per-sec {0} is out of range; use 1 to 10000")]
+    BadMessageRate(u32),
     #[error("--handshake-timeout {0} is out of range; use 1 to 3600 seconds")]
     BadHandshakeTimeout(u64),
     #[error("--rt-priority {0} is out of range; use 0 (off) or 1 to 99")]
     BadPriority(i32),
+    #[error("--prewake-us {0} is out of range; use 0 (off) to 1500")]
+    BadPrewake(u64),
 }
 
 fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
@@ -135,11 +151,17 @@ impl Cli {
         if !(64..=1 << 20).contains(&self.max_message_bytes) {
             return Err(ConfigError::BadMessageSize(self.max_message_bytes));
         }
+        if !(1..=10_000).contains(&self.max_messages_per_sec) {
+            return Err(ConfigError::BadMessageRate(self.max_messages_per_sec));
+        }
         if !(1..=3600).contains(&self.handshake_timeout) {
             return Err(ConfigError::BadHandshakeTimeout(self.handshake_timeout));
         }
         if !(0..=99).contains(&self.rt_priority) {
             return Err(ConfigError::BadPriority(self.rt_priority));
+        }
+        if self.prewake_us > 1500 {
+            return Err(ConfigError::BadPrewake(self.prewake_us));
         }
         Ok(Config {
             port: self.port,
@@ -150,8 +172,10 @@ impl Cli {
             ppqn: self.ppqn,
             max_queue: self.max_queue,
             max_message_bytes: self.max_message_bytes,
+            max_messages_per_sec: self.max_messages_per_sec,
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             rt_priority: self.rt_priority,
+            prewake: Duration::from_micros(self.prewake_us),
             mlock: !self.no_mlock,
         })
     }

@@ -37,8 +37,64 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// tungstenite's read buffer, allocated eagerly per connection. Client messages are tiny; the
 /// 128 KiB default would cost more per client than everything else together.
 const WS_READ_BUFFER: usize = 1024;
+/// Reads of discarded input per readiness event for a closing connection (64 KiB), so a peer
+/// that keeps sending cannot hold the loop.
+const DRAIN_READS: usize = 16;
 /// How many queued frames one `writev` hands to the kernel.
 const WRITEV_FRAMES: usize = 32;
+
+/// Per-connection message rate limit over one-second windows.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimit {
+    per_sec: u32,
+    window_start: Option<Instant>,
+    count: u32,
+}
+
+/// What to do with one incoming message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    Allow,
+    /// Over the limit: drop it, and tell the client (once per window, when `warn`).
+    Refuse {
+        warn: bool,
+    },
+    /// Ten times over: close with 1008.
+    Close,
+}
+
+impl RateLimit {
+    /// How far over the limit a client may go before it is closed.
+    pub const CLOSE_FACTOR: u32 = 10;
+
+    pub fn new(per_sec: u32) -> RateLimit {
+        RateLimit {
+            per_sec,
+            window_start: None,
+            count: 0,
+        }
+    }
+
+    pub fn check(&mut self, now: Instant) -> Rate {
+        match self.window_start {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {}
+            _ => {
+                self.window_start = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count <= self.per_sec {
+            Rate::Allow
+        } else if self.count > self.per_sec.saturating_mul(Self::CLOSE_FACTOR) {
+            Rate::Close
+        } else {
+            Rate::Refuse {
+                warn: self.count == self.per_sec + 1,
+            }
+        }
+    }
+}
 
 /// Frames waiting to be written, the first possibly part-written.
 #[derive(Debug, Default)]
@@ -203,10 +259,12 @@ pub struct Connection {
     pub accepted: Instant,
     /// Why a WebSocket client stopped being one; set when it leaves `Open`, until taken.
     close_reason: Option<CloseReason>,
+    /// Limits how many messages this client may send.
+    pub rate: RateLimit,
 }
 
 impl Connection {
-    pub fn new(sock: TcpStream, peer: SocketAddr, now: Instant) -> Connection {
+    pub fn new(sock: TcpStream, peer: SocketAddr, now: Instant, rate: RateLimit) -> Connection {
         Connection {
             sock,
             peer,
@@ -214,6 +272,7 @@ impl Connection {
             out: OutQueue::default(),
             accepted: now,
             close_reason: None,
+            rate,
         }
     }
 
@@ -297,8 +356,9 @@ impl Connection {
     }
 
     /// Reads the next WebSocket message. Protocol violations close the connection with the
-    /// matching code, through tungstenite's own checks.
-    pub fn read_ws(&mut self, now: Instant) -> WsRead {
+    /// matching code, through tungstenite's own checks. A client whose replies (pongs, errors)
+    /// pile up `limit` deep because it does not read them is closed as a slow consumer.
+    pub fn read_ws(&mut self, now: Instant, limit: usize) -> WsRead {
         loop {
             let State::Open { ws } = &mut self.state else {
                 return WsRead::Pending;
@@ -308,7 +368,21 @@ impl Connection {
                 out: &mut self.out,
             };
             let err = match ws.read(&mut io) {
-                Ok(message) => return WsRead::Message(message),
+                Ok(message) => {
+                    if self.out.len() >= limit {
+                        let _ = self.out.write_to(&mut self.sock);
+                        if self.out.len() >= limit {
+                            self.close_ws(
+                                CloseCode::Policy,
+                                "too slow: not reading replies",
+                                CloseReason::SlowConsumer,
+                                now,
+                            );
+                            return WsRead::Ended(CloseReason::SlowConsumer);
+                        }
+                    }
+                    return WsRead::Message(message);
+                }
                 Err(e) => e,
             };
             let (code, reason) = match err {
@@ -412,17 +486,24 @@ impl Connection {
         completed
     }
 
-    /// In `Closing`, reads and discards input until EOF.
-    pub fn drain_input(&mut self) {
+    /// In `Closing`, reads and discards input until EOF. Returns true when it stopped only
+    /// because of its per-call budget: the caller must come back, as no new readiness event
+    /// will say so.
+    pub fn drain_input(&mut self) -> bool {
         if !matches!(self.state, State::Closing { .. }) {
-            return;
+            return false;
         }
-        let mut buf = [0u8; 2048];
+        let mut buf = [0u8; 4096];
+        let mut budget = DRAIN_READS;
         loop {
+            if budget == 0 {
+                return true;
+            }
+            budget -= 1;
             match self.sock.read(&mut buf) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
@@ -434,6 +515,7 @@ impl Connection {
             // The peer is gone for reading; give the flush a moment, no more.
             *until = (*until).min(Instant::now() + Duration::from_millis(100));
         }
+        false
     }
 
     /// Enforces deadlines: the handshake timeout in `Http`, the grace period in `Closing`.
@@ -538,6 +620,22 @@ mod tests {
         q.push(frame(b"y"));
         q.drop_unstarted();
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn rate_limit_warns_once_then_closes_at_ten_times() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(20);
+        for _ in 0..20 {
+            assert_eq!(r.check(t0), Rate::Allow);
+        }
+        assert_eq!(r.check(t0), Rate::Refuse { warn: true });
+        for _ in 22..=200 {
+            assert_eq!(r.check(t0), Rate::Refuse { warn: false });
+        }
+        assert_eq!(r.check(t0), Rate::Close);
+        // A new window starts afresh.
+        assert_eq!(r.check(t0 + Duration::from_millis(1001)), Rate::Allow);
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub enum ClientError {
     Binary,
     #[error("the server is busy applying earlier tempo changes; try again shortly")]
     Busy,
+    #[error("more than {0} messages a second; messages are being dropped, slow down")]
+    RateLimited(u32),
 }
 
 impl ClientError {
@@ -149,6 +151,7 @@ impl ClientError {
             ClientError::OutOfRange { .. } => "bpm_out_of_range",
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
+            ClientError::RateLimited(_) => "rate_limited",
         }
     }
 }

@@ -26,7 +26,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::connection::{Connection, HeadRead, State, WsRead};
+use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
 use crate::http::{self, Request, Route};
 use crate::protocol::{self, ClientError, ClientMessage, HelloData, SharedFrame, TickData};
 use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
@@ -41,6 +41,11 @@ const SIGNALS: Token = Token(usize::MAX - 3);
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long SIGTERM waits for clients to receive their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Messages handled from one connection per readiness event before the loop moves on (and
+/// comes back after the next poll): one chatty client cannot hold everyone else.
+const MESSAGES_PER_EVENT: usize = 64;
+/// How long past a tick's deadline the loop keeps busy-polling for it.
+const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
 const FD_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -75,6 +80,11 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     fd_limit_logged: bool,
     shutdown_by: Option<Instant>,
+    /// While set, the loop polls without sleeping: a tick is due any moment.
+    busy_poll_until: Option<Instant>,
+    /// Connections that still had input when their budget ran out. Edge-triggered readiness
+    /// will not report them again, so the loop revisits them itself.
+    readable_again: Vec<usize>,
     /// Scratch list of connections to remove, reused to avoid allocating per tick.
     finished: Vec<usize>,
 }
@@ -98,6 +108,7 @@ impl Server {
         let clock = Clock::start();
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
+            prewake: cfg.prewake,
         };
         let (timing, timing_events) =
             TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
@@ -119,6 +130,8 @@ impl Server {
             accept_paused_until: None,
             fd_limit_logged: false,
             shutdown_by: None,
+            busy_poll_until: None,
+            readable_again: Vec::new(),
             finished: Vec::new(),
         })
     }
@@ -136,6 +149,14 @@ impl Server {
             let mut timeout = next_housekeeping.saturating_duration_since(now);
             if let Some(by) = self.shutdown_by {
                 timeout = timeout.min(by.saturating_duration_since(now));
+            }
+            match self.busy_poll_until {
+                Some(until) if now < until => timeout = Duration::ZERO,
+                Some(_) => self.busy_poll_until = None,
+                None => {}
+            }
+            if !self.readable_again.is_empty() {
+                timeout = Duration::ZERO;
             }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -155,6 +176,12 @@ impl Server {
                         self.drive(key, readable, event.is_writable());
                     }
                 }
+                if !self.timing_events.is_empty() {
+                    self.drain_timing();
+                }
+            }
+            for key in std::mem::take(&mut self.readable_again) {
+                self.drive(key, true, false);
                 if !self.timing_events.is_empty() {
                     self.drain_timing();
                 }
@@ -227,7 +254,8 @@ impl Server {
             warn!("cannot register connection from {peer}: {e}");
             return;
         }
-        entry.insert(Connection::new(sock, peer, Instant::now()));
+        let rate = RateLimit::new(self.cfg.max_messages_per_sec);
+        entry.insert(Connection::new(sock, peer, Instant::now(), rate));
         self.stats.connections_accepted += 1;
     }
 
@@ -246,6 +274,7 @@ impl Server {
         if writable && let Some(conn) = self.conns.get_mut(key) {
             self.stats.messages_sent += conn.flush();
         }
+        let mut handled = 0;
         if readable {
             loop {
                 let Some(conn) = self.conns.get_mut(key) else {
@@ -262,19 +291,43 @@ impl Server {
                         }
                         HeadRead::Gone => conn.abort(CloseReason::ClientClosed),
                     },
-                    State::Open { .. } => match conn.read_ws(now) {
+                    State::Open { .. } => match conn.read_ws(now, self.cfg.max_queue) {
                         WsRead::Message(m) => {
-                            self.on_message(key, m);
+                            match conn.rate.check(now) {
+                                Rate::Allow => self.on_message(key, m),
+                                Rate::Refuse { warn } => {
+                                    self.stats.client_errors += 1;
+                                    if warn {
+                                        let err =
+                                            ClientError::RateLimited(self.cfg.max_messages_per_sec);
+                                        let frame = protocol::text_frame(&protocol::error(&err));
+                                        conn.send(&frame, self.cfg.max_queue);
+                                    }
+                                }
+                                Rate::Close => conn.close_ws(
+                                    CloseCode::Policy,
+                                    "too many messages",
+                                    CloseReason::RateLimited,
+                                    now,
+                                ),
+                            }
                             // A chatty client must not hold back a tick that is due.
                             if !self.timing_events.is_empty() {
                                 self.drain_timing();
+                            }
+                            handled += 1;
+                            if handled >= MESSAGES_PER_EVENT {
+                                self.readable_again.push(key);
+                                break;
                             }
                         }
                         WsRead::Pending => break,
                         WsRead::Ended(_) => {}
                     },
                     State::Closing { .. } => {
-                        conn.drain_input();
+                        if conn.drain_input() {
+                            self.readable_again.push(key);
+                        }
                         break;
                     }
                     State::Done => break,
@@ -386,7 +439,15 @@ impl Server {
     fn drain_timing(&mut self) {
         while let Ok(event) = self.timing_events.pop() {
             match event {
-                TimingEvent::Tick(tick) => self.on_tick(tick),
+                TimingEvent::Tick(tick) => {
+                    self.busy_poll_until = None;
+                    self.on_tick(tick);
+                }
+                TimingEvent::Soon { deadline_ns } => {
+                    // Poll without sleeping until the tick is here (bounded, in case a tempo
+                    // change moves it later).
+                    self.busy_poll_until = Some(self.clock.instant(deadline_ns) + BUSY_POLL_GRACE);
+                }
                 TimingEvent::Tempo { bpm, .. } => {
                     self.bpm = bpm;
                     self.stats.tempo_changes += 1;
@@ -401,6 +462,17 @@ impl Server {
 
     fn on_tick(&mut self, tick: Tick) {
         self.stats.record_tick(tick.lateness_ns());
+        if tick.lateness_ns() > stats::LATE_TICK_NS {
+            debug!(
+                "late tick count={} lateness_us={}",
+                tick.count,
+                tick.lateness_ns() / 1000
+            );
+        }
+        let taken = self.clock.now_ns();
+        self.stats
+            .handoff
+            .record(taken.saturating_sub(tick.emitted_ns));
         self.count = tick.count;
         self.bpm = tick.bpm;
         if self.shutdown_by.is_some() {

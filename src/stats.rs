@@ -85,10 +85,12 @@ pub enum CloseReason {
     IoError,
     /// The server shut down (1001).
     Shutdown,
+    /// Sent messages at ten times the rate limit (1008).
+    RateLimited,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::ClientClosed,
         CloseReason::SlowConsumer,
         CloseReason::ProtocolError,
@@ -96,6 +98,7 @@ impl CloseReason {
         CloseReason::InvalidUtf8,
         CloseReason::IoError,
         CloseReason::Shutdown,
+        CloseReason::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -107,6 +110,7 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => "invalid_utf8",
             CloseReason::IoError => "io_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -149,6 +153,8 @@ pub struct ServerStats {
     pub lateness: LatencyHistogram,
     /// Deadline to the last byte handed to the kernel, per fan-out (event loop).
     pub fanout: LatencyHistogram,
+    /// Emission to the moment the loop took the tick from the ring: the cost of waking it.
+    pub handoff: LatencyHistogram,
     pub ticks_emitted: u64,
     pub late_ticks: u64,
     /// Frames completely written to clients' sockets.
@@ -231,6 +237,7 @@ pub fn stats_json(s: &Snapshot) -> String {
         "messages_sent": st.messages_sent,
         "tick_lateness_us": st.lateness.summary().micros(),
         "fanout_us": st.fanout.summary().micros(),
+        "handoff_us": st.handoff.summary().micros(),
         "closed": closed,
         "version": env!("CARGO_PKG_VERSION"),
     });

@@ -146,20 +146,26 @@ impl TickSchedule {
 
     /// The schedule after a tempo change that takes effect from tick `from_count`.
     ///
-    /// The change re-anchors at the tick before it (the last emitted one): tick `from_count`
-    /// falls one *new* interval after that tick's deadline, and the new interval holds from
-    /// there. Should that instant already be past (`earliest_ns`, normally "now"), the tick is
-    /// due at `earliest_ns` instead, so a sudden speed-up never produces a burst of ticks that
-    /// are late before they are born. No tick is moved earlier than its predecessor, none is
-    /// doubled, and the count runs on unbroken.
-    pub fn retempo(&self, from_count: u64, earliest_ns: u64, bpm: Bpm) -> TickSchedule {
+    /// The change re-anchors at the last emitted tick, `last_emitted_ns` (the deadline of tick
+    /// `from_count − 1`, or `None` before the first tick): tick `from_count` falls one *new*
+    /// interval after it, and the new interval holds from there. The caller passes that deadline
+    /// rather than letting this schedule recompute it, because after two changes in one
+    /// interval it belongs to an older schedule. Should the instant already be past
+    /// (`earliest_ns`, normally "now"), the tick is due at `earliest_ns` instead, so a sudden
+    /// speed-up never produces a tick that is late before it is born. No tick is moved earlier
+    /// than its predecessor, none is doubled, and the count runs on unbroken.
+    pub fn retempo(
+        &self,
+        from_count: u64,
+        last_emitted_ns: Option<u64>,
+        earliest_ns: u64,
+        bpm: Bpm,
+    ) -> TickSchedule {
         let next = TickSchedule { bpm, ..*self };
-        let due = if from_count == 0 || from_count <= self.anchor_count {
-            // Nothing of this tempo was emitted before `from_count`: keep its deadline.
-            self.deadline_ns(from_count)
-        } else {
-            self.deadline_ns(from_count - 1)
-                .saturating_add(next.span_ns(1))
+        let due = match last_emitted_ns {
+            Some(last) => last.saturating_add(next.span_ns(1)),
+            // Nothing emitted yet: the first tick keeps its deadline.
+            None => self.deadline_ns(from_count),
         };
         TickSchedule {
             anchor_count: from_count,
@@ -230,7 +236,12 @@ mod tests {
     fn tempo_change_reanchors_at_the_last_emitted_tick() {
         let s = TickSchedule::new(Bpm::whole(120), 4, 0);
         // Ticks 0..=10 emitted at 125 ms; tick 11 is the first at 150 BPM (100 ms).
-        let c = s.retempo(11, s.deadline_ns(10), Bpm::whole(150));
+        let c = s.retempo(
+            11,
+            Some(s.deadline_ns(10)),
+            s.deadline_ns(10),
+            Bpm::whole(150),
+        );
         assert_eq!(
             c.deadline_ns(10),
             c.anchor_ns(),
@@ -246,7 +257,7 @@ mod tests {
         let s = TickSchedule::new(Bpm::whole(60), 4, 0);
         // Tick 3 emitted at 750 ms; at 950 ms the tempo jumps to 200 BPM (75 ms): the natural
         // deadline, 825 ms, is past, so tick 4 is due now and the new interval runs from there.
-        let c = s.retempo(4, 950_000_000, Bpm::whole(200));
+        let c = s.retempo(4, Some(s.deadline_ns(3)), 950_000_000, Bpm::whole(200));
         assert_eq!(c.deadline_ns(4), 950_000_000);
         assert_eq!(c.deadline_ns(5), 1_025_000_000);
     }
@@ -254,9 +265,20 @@ mod tests {
     #[test]
     fn change_before_the_first_tick_keeps_its_deadline() {
         let s = TickSchedule::new(Bpm::whole(120), 4, 5_000);
-        let c = s.retempo(0, 0, Bpm::whole(90));
+        let c = s.retempo(0, None, 0, Bpm::whole(90));
         assert_eq!(c.deadline_ns(0), 5_000);
         assert_eq!(c.deadline_ns(1), 5_000 + 166_666_666);
+    }
+
+    #[test]
+    fn two_changes_in_one_interval_space_the_next_tick_by_the_last_one() {
+        let s = TickSchedule::new(Bpm::whole(120), 4, 0);
+        let last = s.deadline_ns(10);
+        // Between tick 10 and 11: first to 60 BPM, then to 200 BPM.
+        let a = s.retempo(11, Some(last), last + 1_000, Bpm::whole(60));
+        let b = a.retempo(11, Some(last), last + 2_000, Bpm::whole(200));
+        assert_eq!(b.deadline_ns(11), last + 75_000_000);
+        assert_eq!(b.bpm(), Bpm::whole(200));
     }
 
     proptest! {
@@ -293,9 +315,12 @@ mod tests {
                 }
                 let last = prev.unwrap_or(0);
                 let now = last + delay;
-                let next = s.retempo(count, now, Bpm(milli));
+                let next = s.retempo(count, prev, now, Bpm(milli));
                 let due = next.deadline_ns(count);
-                let natural = last + next.span_ns(1);
+                let natural = match prev {
+                    Some(last) => last + next.span_ns(1),
+                    None => s.deadline_ns(count),
+                };
                 prop_assert_eq!(due, natural.max(now));
                 s = next;
                 segment_start = count;

@@ -56,6 +56,12 @@ impl Tick {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimingEvent {
     Tick(Tick),
+    /// A tick is due at `deadline_ns`, shortly: the loop should stay awake for it. Waking a
+    /// sleeping thread on another core costs 100 µs or more on a virtual machine; this moves
+    /// that cost ahead of the deadline.
+    Soon {
+        deadline_ns: u64,
+    },
     /// A tempo change took effect: tick `from_count` is the first at `bpm`, due at `at_ns`.
     Tempo {
         bpm: Bpm,
@@ -76,6 +82,9 @@ pub enum TimingCommand {
 pub struct Realtime {
     /// `SCHED_FIFO` priority, or 0 to stay on the normal scheduler.
     pub fifo_priority: i32,
+    /// How long before a deadline to wake the event loop, so it is already running when the
+    /// tick arrives (0 = wake it with the tick).
+    pub prewake: Duration,
 }
 
 /// The event loop's side of the timing thread.
@@ -102,8 +111,8 @@ impl TimingThread {
         let (commands, command_rx) = RingBuffer::new(COMMAND_RING);
         let (events_tx, events) = RingBuffer::new(EVENT_RING);
         let dropped = Arc::new(AtomicU64::new(0));
-        let start_ns = clock.now_ns() + 1_000_000;
-        let schedule = TickSchedule::new(bpm, ppqn, start_ns);
+        // Re-anchored once the thread is running with its priority set (see below).
+        let schedule = TickSchedule::new(bpm, ppqn, 0);
         let ticker = Ticker {
             schedule,
             clock,
@@ -112,12 +121,18 @@ impl TimingThread {
             waker,
             dropped: Arc::clone(&dropped),
             next: 0,
+            last_deadline: None,
+            prewake_ns: u64::try_from(realtime.prewake.as_nanos()).unwrap_or(0),
         };
         let handle = thread::Builder::new()
             .name("conductor-timing".into())
             .stack_size(STACK_BYTES)
             .spawn(move || {
+                let mut ticker = ticker;
                 apply_realtime(realtime);
+                // Tick 0 is due 1 ms from now: counted from here, thread start-up and the
+                // priority change cannot make it late.
+                ticker.schedule = TickSchedule::new(bpm, ppqn, ticker.clock.now_ns() + 1_000_000);
                 ticker.run();
             })?;
         Ok((
@@ -178,6 +193,9 @@ struct Ticker {
     dropped: Arc<AtomicU64>,
     /// The count of the next tick to emit.
     next: u64,
+    /// The deadline of the last tick emitted: where a tempo change re-anchors.
+    last_deadline: Option<u64>,
+    prewake_ns: u64,
 }
 
 impl Ticker {
@@ -195,10 +213,27 @@ impl Ticker {
                 thread::park_timeout(Duration::from_nanos(deadline - now - coarse_ns));
                 continue;
             }
+            // Pre-wake only where ticks are far enough apart that the loop, spinning for the
+            // tick, does not spin most of the time.
+            if self.prewake_ns > 0 && self.schedule.interval_ns() >= 4.0 * self.prewake_ns as f64 {
+                sleeper.sleep_until(self.clock.instant(deadline.saturating_sub(self.prewake_ns)));
+                self.emit(TimingEvent::Soon {
+                    deadline_ns: deadline,
+                });
+            }
             sleeper.sleep_until(self.clock.instant(deadline));
+            let mut deadline = deadline;
             if !self.commands.is_empty() {
-                // A change that arrived during the final stretch still applies to this tick.
-                continue;
+                // A change that arrived during the final stretch still applies to this tick. If
+                // it moved the tick later, sleep again; otherwise emit now, so that a stream of
+                // commands can never hold a due tick back.
+                if !self.apply_commands() {
+                    return;
+                }
+                deadline = self.schedule.deadline_ns(self.next);
+                if deadline > self.clock.now_ns() {
+                    continue;
+                }
             }
             let tick = Tick {
                 count: self.next,
@@ -207,6 +242,7 @@ impl Ticker {
                 bpm: self.schedule.bpm(),
             };
             self.emit(TimingEvent::Tick(tick));
+            self.last_deadline = Some(deadline);
             self.next += 1;
         }
     }
@@ -221,7 +257,9 @@ impl Ticker {
                     // the predecessor answered every setBpm with a bpmChange.
                     if bpm != self.schedule.bpm() {
                         let now = self.clock.now_ns();
-                        self.schedule = self.schedule.retempo(self.next, now, bpm);
+                        self.schedule =
+                            self.schedule
+                                .retempo(self.next, self.last_deadline, now, bpm);
                     }
                     self.emit(TimingEvent::Tempo {
                         bpm,

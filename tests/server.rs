@@ -376,3 +376,48 @@ fn a_slow_consumer_is_closed_with_1008_and_counted_while_others_keep_time() {
     assert_eq!(close.expect("close frame").code, CloseCode::Policy);
     assert_eq!(server.stats()["clients"], 1);
 }
+
+#[test]
+fn a_flooding_client_is_rate_limited_then_closed_with_1008() {
+    let server = Server::start(&[]);
+    let mut c = server.ws();
+    c.next_event("hello");
+    for _ in 0..25 {
+        c.send_text(r#"{"event":"setBpm","data":120}"#);
+    }
+    let err = c.next_event("error");
+    assert_eq!(err["data"]["code"], "rate_limited", "{err}");
+    for _ in 0..250 {
+        if c.ws
+            .send(Message::text(r#"{"event":"setBpm","data":120}"#))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let close = c.expect_close().expect("close frame");
+    assert_eq!(close.code, CloseCode::Policy);
+    let stats = server.stats();
+    assert_eq!(stats["closed"]["rate_limited"], 1, "{stats}");
+}
+
+#[test]
+fn two_tempo_changes_in_one_interval_space_the_next_tick_by_the_last() {
+    let server = Server::start(&[]);
+    let mut c = server.ws();
+    let before = c.next_event("tick")["data"].clone();
+    // Both in one write, well inside one 125 ms interval.
+    c.send_text(r#"{"event":"setBpm","data":60}"#);
+    c.send_text(r#"{"event":"setBpm","data":200}"#);
+    let next = c.next_event("tick")["data"].clone();
+    assert_eq!(next["bpm"], 200, "{next}");
+    assert_eq!(
+        next["count"].as_u64().unwrap(),
+        before["count"].as_u64().unwrap() + 1
+    );
+    let dt = next["time_us"].as_u64().unwrap() - before["time_us"].as_u64().unwrap();
+    assert!(
+        dt <= 76_000,
+        "next tick {dt} µs after the last: spaced by the abandoned tempo"
+    );
+}

@@ -1,0 +1,300 @@
+//! What the probe computes from tick arrivals. Pure: arrivals in, numbers out.
+//!
+//! All times are kernel receive timestamps in unix nanoseconds (see `net.rs`), so the probe's
+//! own processing delay never enters a measurement. Each connection has a [`ConnTrack`]; one
+//! [`Recorder`] per probe thread holds the histograms, and recorders merge at the end.
+
+use std::collections::HashMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// One tick as it arrived on one connection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Arrival {
+    pub count: u64,
+    pub bpm: f64,
+    pub ppqn: u32,
+    /// The server's scheduled instant for the tick, unix µs, if it said.
+    pub scheduled_us: Option<i64>,
+    /// Kernel receive time, unix ns.
+    pub at_ns: i64,
+}
+
+impl Arrival {
+    /// The ideal interval before this tick, from its own tempo.
+    pub fn ideal_interval_ns(&self) -> f64 {
+        60e9 / (self.bpm * f64::from(self.ppqn.max(1)))
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 ns .. 1 hour, 3 significant figures; the bounds are constants, so this cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+/// The per-connection state behind interval jitter, drift, gaps and reorders.
+#[derive(Clone, Debug, Default)]
+pub struct ConnTrack {
+    first_ns: Option<i64>,
+    last: Option<Arrival>,
+    /// Sum of ideal intervals from the first tick to the last.
+    ideal_ns: f64,
+    pub ticks: u64,
+    pub gaps: u64,
+    pub reorders: u64,
+}
+
+impl ConnTrack {
+    /// Takes one arrival, recording its interval jitter and fan-out arrival into `rec`.
+    pub fn observe(&mut self, a: Arrival, rec: &mut Recorder) {
+        rec.observe_arrival(&a);
+        match self.last {
+            None => {
+                self.first_ns = Some(a.at_ns);
+                self.ticks = 1;
+                self.last = Some(a);
+            }
+            Some(prev) if a.count <= prev.count => self.reorders += 1,
+            Some(prev) => {
+                let steps = a.count - prev.count;
+                let ideal = a.ideal_interval_ns();
+                if steps == 1 && a.bpm == prev.bpm {
+                    let actual = (a.at_ns - prev.at_ns) as f64;
+                    rec.jitter
+                        .saturating_record((actual - ideal).abs().round().max(1.0) as u64);
+                }
+                self.gaps += steps - 1;
+                self.ideal_ns += steps as f64 * ideal;
+                self.ticks += 1;
+                self.last = Some(a);
+            }
+        }
+    }
+
+    /// Last arrival minus (first arrival + the ideal time of every interval between), in ns.
+    pub fn drift_ns(&self) -> Option<f64> {
+        let (first, last) = (self.first_ns?, self.last?);
+        if self.ticks < 2 {
+            return None;
+        }
+        Some((last.at_ns - first) as f64 - self.ideal_ns)
+    }
+}
+
+/// One probe thread's measurements.
+pub struct Recorder {
+    pub jitter: Histogram<u64>,
+    pub latency: Histogram<u64>,
+    /// Arrivals that came before their scheduled time (clocks not shared, or skewed).
+    pub early: u64,
+    /// Per count: (first arrival, last arrival, connections).
+    pub by_count: HashMap<u64, (i64, i64, u32)>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            jitter: histogram(),
+            latency: histogram(),
+            early: 0,
+            by_count: HashMap::new(),
+        }
+    }
+}
+
+impl Recorder {
+    fn observe_arrival(&mut self, a: &Arrival) {
+        if let Some(us) = a.scheduled_us {
+            let latency = a.at_ns - us * 1000;
+            if latency < 0 {
+                self.early += 1;
+            } else {
+                self.latency.saturating_record(latency.max(1) as u64);
+            }
+        }
+        let e = self
+            .by_count
+            .entry(a.count)
+            .or_insert((a.at_ns, a.at_ns, 0));
+        e.0 = e.0.min(a.at_ns);
+        e.1 = e.1.max(a.at_ns);
+        e.2 += 1;
+    }
+
+    pub fn merge(&mut self, other: Recorder) {
+        let _ = self.jitter.add(&other.jitter);
+        let _ = self.latency.add(&other.latency);
+        self.early += other.early;
+        for (count, (lo, hi, n)) in other.by_count {
+            let e = self.by_count.entry(count).or_insert((lo, hi, 0));
+            e.0 = e.0.min(lo);
+            e.1 = e.1.max(hi);
+            e.2 += n;
+        }
+    }
+
+    /// Fan-out spread per count seen by at least two connections.
+    pub fn spread(&self) -> Histogram<u64> {
+        let mut h = histogram();
+        for (lo, hi, n) in self.by_count.values() {
+            if *n >= 2 {
+                h.saturating_record(((hi - lo).max(1)) as u64);
+            }
+        }
+        h
+    }
+}
+
+/// `{p50, p99, p999, max}` in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub samples: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Percentiles {
+            p50: us(h.value_at_quantile(0.5)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            samples: h.len(),
+        }
+    }
+}
+
+/// The median of `values` (sorted in place), or 0 when empty.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival(count: u64, at_ms: f64) -> Arrival {
+        Arrival {
+            count,
+            bpm: 120.0,
+            ppqn: 4,
+            scheduled_us: Some((count as i64) * 125_000),
+            at_ns: (at_ms * 1e6) as i64,
+        }
+    }
+
+    #[test]
+    fn perfect_ticks_have_no_jitter_and_no_drift() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        for n in 0..100 {
+            t.observe(arrival(n, n as f64 * 125.0), &mut rec);
+        }
+        assert_eq!(t.ticks, 100);
+        assert_eq!(t.gaps, 0);
+        assert_eq!(rec.jitter.len(), 99);
+        assert!(rec.jitter.max() <= 1, "{}", rec.jitter.max());
+        assert_eq!(t.drift_ns(), Some(0.0));
+    }
+
+    #[test]
+    fn jitter_is_the_deviation_from_the_ideal_interval() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        t.observe(arrival(0, 0.0), &mut rec);
+        t.observe(arrival(1, 126.0), &mut rec); // 1 ms long
+        t.observe(arrival(2, 249.5), &mut rec); // 1.5 ms short
+        let max = Percentiles::of(&rec.jitter).max;
+        assert!((max - 1500.0).abs() < 2.0, "{max}");
+        // Ends 0.5 ms early against 2 ideal intervals.
+        assert_eq!(t.drift_ns(), Some(-500_000.0));
+    }
+
+    #[test]
+    fn setinterval_style_drift_accumulates() {
+        // 1 ms late on every tick, as an interval timer that re-arms after the callback does.
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        for n in 0..481 {
+            t.observe(arrival(n, n as f64 * 126.0), &mut rec);
+        }
+        assert_eq!(t.drift_ns(), Some(480e6));
+    }
+
+    #[test]
+    fn gaps_and_reorders_are_counted_and_skipped() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        for (n, at) in [(0, 0.0), (1, 125.0), (4, 500.0), (3, 510.0), (5, 625.0)] {
+            t.observe(arrival(n, at), &mut rec);
+        }
+        assert_eq!(t.gaps, 2);
+        assert_eq!(t.reorders, 1);
+        assert_eq!(t.ticks, 4);
+        assert_eq!(rec.jitter.len(), 2, "only consecutive pairs count");
+        assert_eq!(t.drift_ns(), Some(0.0));
+    }
+
+    #[test]
+    fn tempo_changes_are_accounted_for_in_drift() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        t.observe(arrival(0, 0.0), &mut rec);
+        t.observe(arrival(1, 125.0), &mut rec);
+        let mut fast = arrival(2, 225.0);
+        fast.bpm = 150.0; // 100 ms
+        t.observe(fast, &mut rec);
+        fast.count = 3;
+        fast.at_ns = 325_000_000;
+        t.observe(fast, &mut rec);
+        assert_eq!(t.drift_ns(), Some(0.0));
+        assert_eq!(
+            rec.jitter.len(),
+            2,
+            "the change-over interval is not jitter"
+        );
+    }
+
+    #[test]
+    fn spread_and_latency_across_connections() {
+        let mut a = Recorder::default();
+        let mut b = Recorder::default();
+        let (mut ta, mut tb) = (ConnTrack::default(), ConnTrack::default());
+        for n in 0..10u64 {
+            let base = n as f64 * 125.0;
+            ta.observe(arrival(n, base + 0.1), &mut a);
+            tb.observe(arrival(n, base + 0.3), &mut b);
+        }
+        a.merge(b);
+        let spread = Percentiles::of(&a.spread());
+        assert_eq!(spread.samples, 10);
+        assert!((spread.p50 - 200.0).abs() < 1.0, "{spread:?}");
+        let latency = Percentiles::of(&a.latency);
+        assert!((latency.p50 - 100.0).abs() < 1.0, "{latency:?}");
+        assert_eq!(a.early, 0);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+}
