@@ -39,6 +39,10 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
+    match rt::raise_fd_limit() {
+        Ok(n) => info!("open files limit {n}"),
+        Err(e) => info!("open files limit unchanged ({e})"),
+    }
     if cfg.mlock {
         match rt::lock_memory() {
             Ok(()) => info!("memory locked (mlockall)"),

@@ -70,3 +70,23 @@ pub fn lock_memory() -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 }
+
+/// Raises the soft limit on open files to the hard limit and returns the new soft limit:
+/// every client is a descriptor, and the usual soft default (1024) would cap the server long
+/// before memory or CPU do.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit read and write a local struct only.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(lim.rlim_cur as u64)
+    }
+}
