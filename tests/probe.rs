@@ -1,0 +1,248 @@
+//! conductor-probe against the real server, and against a real Socket.IO v4 server from npm.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use serde_json::Value;
+
+fn probe_bin() -> PathBuf {
+    let bin = Path::new(common::BIN).with_file_name("conductor-probe");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the workspace's tests (cargo test --workspace) so it is built",
+        bin.display()
+    );
+    bin
+}
+
+fn probe(args: &[&str]) -> Output {
+    Command::new(probe_bin())
+        .args(args)
+        .output()
+        .expect("run probe")
+}
+
+/// Runs the probe with `--json` and returns the parsed report.
+fn probe_json(args: &[&str]) -> Value {
+    let path = std::env::temp_dir().join(format!(
+        "probe-{}-{}.json",
+        std::process::id(),
+        args.join("_").replace(['/', ':'], "")
+    ));
+    let mut all = args.to_vec();
+    let path_str = path.to_string_lossy().into_owned();
+    all.extend(["--json", &path_str]);
+    let out = probe(&all);
+    assert!(
+        out.status.success(),
+        "probe failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&path).expect("probe JSON written");
+    let _ = std::fs::remove_file(&path);
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let last = err.lines().last().unwrap_or("").to_string();
+    assert!(last.starts_with("conductor-probe: "), "{err}");
+    last
+}
+
+#[test]
+fn a_3s_run_at_120_bpm_sees_about_24_ticks_and_no_gaps() {
+    let server = Server::start(&[]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let plot = std::env::temp_dir().join(format!("probe-plot-{}.svg", std::process::id()));
+    let plot_str = plot.to_string_lossy().into_owned();
+    let r = probe_json(&[
+        &url,
+        "--clients",
+        "5",
+        "--duration",
+        "3",
+        "--plot",
+        &plot_str,
+    ]);
+    assert_eq!(r["clients"], 5);
+    assert_eq!(r["connected"], 5);
+    assert_eq!(r["gaps"], 0, "{r}");
+    assert_eq!(r["reorders"], 0, "{r}");
+    let (min, max) = (
+        r["ticks_min"].as_u64().unwrap(),
+        r["ticks_max"].as_u64().unwrap(),
+    );
+    assert!(
+        (22..=26).contains(&min) && (22..=26).contains(&max),
+        "{min}..{max}"
+    );
+    for key in ["interval_jitter_us", "spread_us", "latency_us"] {
+        for p in ["p50", "p99", "p999", "max"] {
+            assert!(r[key][p].is_number(), "{key}.{p}");
+        }
+    }
+    // Jitter is small next to the 125 ms interval, even on a loaded machine.
+    assert!(
+        r["interval_jitter_us"]["p50"].as_f64().unwrap() < 10_000.0,
+        "{r}"
+    );
+    assert!(r["spread_us"]["samples"].as_u64().unwrap() >= 20, "{r}");
+    assert_eq!(r["latency_valid"], true);
+    assert!(r["drift_us"].as_f64().unwrap().abs() < 20_000.0, "{r}");
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    assert!(svg.contains("<svg") && svg.contains("interval jitter"));
+    let _ = std::fs::remove_file(plot);
+}
+
+#[test]
+fn the_probe_accounts_for_a_tempo_change_in_drift() {
+    let server = Server::start(&["--bpm", "200"]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let mut probe = Command::new(probe_bin())
+        .args([&url, "--clients", "2", "--duration", "3", "--json"])
+        .arg(std::env::temp_dir().join(format!("probe-tempo-{}.json", std::process::id())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("probe");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut c = server.ws();
+    c.next_event("hello");
+    c.send_text(r#"{"event":"setBpm","data":150}"#);
+    assert!(probe.wait().expect("wait").success());
+    let path = std::env::temp_dir().join(format!("probe-tempo-{}.json", std::process::id()));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(path);
+    assert_eq!(r["gaps"], 0, "{r}");
+    // Without accounting for the change, drift would be tens of milliseconds.
+    assert!(r["drift_us"].as_f64().unwrap().abs() < 5_000.0, "{r}");
+}
+
+#[test]
+fn bad_targets_get_a_clear_one_line_error() {
+    // Nothing listening.
+    let port = free_port();
+    let line = one_line_error(&probe(&[
+        &format!("ws://127.0.0.1:{port}/ws"),
+        "--duration",
+        "1",
+        "--timeout",
+        "2",
+    ]));
+    assert!(
+        line.contains("refused") || line.contains("connect"),
+        "{line}"
+    );
+
+    // A server that answers, but not with a WebSocket upgrade.
+    let server = Server::start(&[]);
+    let line = one_line_error(&probe(&[
+        &format!("ws://127.0.0.1:{}/healthz", server.port),
+        "--duration",
+        "1",
+    ]));
+    assert!(line.contains("upgrade refused: HTTP 200"), "{line}");
+    let line = one_line_error(&probe(&[
+        &format!("ws://127.0.0.1:{}/nope", server.port),
+        "--duration",
+        "1",
+    ]));
+    assert!(line.contains("HTTP 404"), "{line}");
+
+    // Not a URL we can use.
+    let out = probe(&["wss://127.0.0.1:1/ws"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TLS"));
+    assert_eq!(probe(&["127.0.0.1:3000"]).status.code(), Some(2));
+
+    // A WebSocket server that sends no ticks: conductor's endpoint speaks the plain protocol,
+    // so asking for Socket.IO there connects but never joins.
+    let line = one_line_error(&probe(&[
+        "--socketio",
+        &format!("http://127.0.0.1:{}/ws", server.port),
+        "--duration",
+        "1",
+        "--timeout",
+        "2",
+    ]));
+    assert!(
+        line.contains("no connection") || line.contains("no tick"),
+        "{line}"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The socket.io reference server (bench/socketio-ref, installed by .ci/run with npm).
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn socketio_server(port: u16) -> Node {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/socketio-ref");
+    assert!(
+        dir.join("node_modules/socket.io").exists(),
+        "socket.io is not installed: run `npm ci --prefix bench/socketio-ref` (.ci/run does)"
+    );
+    let child = Command::new("node")
+        .arg("server.js")
+        .current_dir(&dir)
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("node");
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "socket.io server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Node(child)
+}
+
+#[test]
+fn socketio_mode_measures_a_real_socketio_v4_server() {
+    let port = free_port();
+    let _node = socketio_server(port);
+    let r = probe_json(&[
+        "--socketio",
+        &format!("http://127.0.0.1:{port}"),
+        "--clients",
+        "3",
+        "--duration",
+        "3",
+    ]);
+    assert_eq!(r["mode"], "socketio");
+    assert_eq!(r["connected"], 3, "{r}");
+    assert_eq!(r["gaps"], 0, "{r}");
+    let (min, max) = (
+        r["ticks_min"].as_u64().unwrap(),
+        r["ticks_max"].as_u64().unwrap(),
+    );
+    assert!(
+        (21..=26).contains(&min) && (21..=26).contains(&max),
+        "{min}..{max}"
+    );
+    assert!(
+        r["interval_jitter_us"]["samples"].as_u64().unwrap() > 50,
+        "{r}"
+    );
+}
