@@ -66,6 +66,11 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_PREWAKE_US", default_value_t = 500)]
     pub prewake_us: u64,
 
+    /// Microseconds before each tick that the timing thread spins instead of sleeping. More
+    /// costs CPU; less lets a virtual machine's idle wake-up delay make ticks late.
+    #[arg(long, env = "CONDUCTOR_SPIN_US", default_value_t = 2000)]
+    pub spin_us: u64,
+
     /// Do not lock the process's memory (mlockall).
     #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
     pub no_mlock: bool,
@@ -86,6 +91,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub rt_priority: i32,
     pub prewake: Duration,
+    pub spin: Duration,
     pub mlock: bool,
 }
 
@@ -114,6 +120,8 @@ pub enum ConfigError {
     BadPriority(i32),
     #[error("--prewake-us {0} is out of range; use 0 (off) to 1500")]
     BadPrewake(u64),
+    #[error("--spin-us {0} is out of range; use 0 to 10000")]
+    BadSpin(u64),
 }
 
 fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
@@ -163,6 +171,9 @@ impl Cli {
         if self.prewake_us > 1500 {
             return Err(ConfigError::BadPrewake(self.prewake_us));
         }
+        if self.spin_us > 10_000 {
+            return Err(ConfigError::BadSpin(self.spin_us));
+        }
         Ok(Config {
             port: self.port,
             bind: self.bind,
@@ -176,6 +187,7 @@ impl Cli {
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             rt_priority: self.rt_priority,
             prewake: Duration::from_micros(self.prewake_us),
+            spin: Duration::from_micros(self.spin_us),
             mlock: !self.no_mlock,
         })
     }

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
 use crate::http::{self, Request, Route};
 use crate::protocol::{self, ClientError, ClientMessage, HelloData, SharedFrame, TickData};
+use crate::rt;
 use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::Bpm;
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
@@ -109,6 +110,7 @@ impl Server {
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
             prewake: cfg.prewake,
+            spin: cfg.spin,
         };
         let (timing, timing_events) =
             TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
@@ -142,6 +144,15 @@ impl Server {
 
     /// Runs until SIGTERM or SIGINT, then closes every client with 1001 and returns.
     pub fn run(mut self) -> Result<(), ServerError> {
+        // The loop runs just below the timing thread: a tick's fan-out is not held back by
+        // ordinary processes, and never by the loop's own clients' noise.
+        if self.cfg.rt_priority > 1 {
+            let priority = self.cfg.rt_priority - 1;
+            match rt::set_fifo_priority(priority) {
+                Ok(()) => info!("loop: SCHED_FIFO priority {priority}"),
+                Err(e) => info!("loop: no real-time priority ({e})"),
+            }
+        }
         let mut events = Events::with_capacity(1024);
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         loop {

@@ -7,7 +7,7 @@
 //!
 //! Sleeping happens in two stages. Far from the deadline the thread parks (interruptibly, so a
 //! tempo change is seen at once); within [`COARSE_MARGIN`] of it, `spin_sleep` sleeps natively
-//! and spins only the last [`SPIN_NS`].
+//! and spins only the last stretch ([`Realtime::spin`]).
 
 use std::io;
 use std::sync::Arc;
@@ -26,8 +26,6 @@ use crate::tempo::{Bpm, TickSchedule};
 
 /// How far ahead of a deadline the thread stops parking and hands over to `spin_sleep`.
 const COARSE_MARGIN: Duration = Duration::from_millis(2);
-/// How much of the final stretch `spin_sleep` spins rather than sleeps.
-const SPIN_NS: u32 = 200_000;
 /// Ticks the ring holds: 12 s at 200 BPM with 24 ppqn, far more than the loop can lag.
 const EVENT_RING: usize = 1024;
 const COMMAND_RING: usize = 64;
@@ -85,6 +83,9 @@ pub struct Realtime {
     /// How long before a deadline to wake the event loop, so it is already running when the
     /// tick arrives (0 = wake it with the tick).
     pub prewake: Duration,
+    /// How much of the final stretch to spin rather than sleep. On a virtual machine an idle
+    /// vCPU that halts can take milliseconds to resume; spinning keeps it running.
+    pub spin: Duration,
 }
 
 /// The event loop's side of the timing thread.
@@ -123,6 +124,7 @@ impl TimingThread {
             next: 0,
             last_deadline: None,
             prewake_ns: u64::try_from(realtime.prewake.as_nanos()).unwrap_or(0),
+            spin: realtime.spin,
         };
         let handle = thread::Builder::new()
             .name("conductor-timing".into())
@@ -196,12 +198,15 @@ struct Ticker {
     /// The deadline of the last tick emitted: where a tempo change re-anchors.
     last_deadline: Option<u64>,
     prewake_ns: u64,
+    spin: Duration,
 }
 
 impl Ticker {
     fn run(mut self) {
-        let sleeper = SpinSleeper::new(SPIN_NS).with_spin_strategy(SpinStrategy::SpinLoopHint);
-        let coarse_ns = COARSE_MARGIN.as_nanos() as u64;
+        let spin_ns = u32::try_from(self.spin.as_nanos()).unwrap_or(u32::MAX);
+        let sleeper = SpinSleeper::new(spin_ns).with_spin_strategy(SpinStrategy::SpinLoopHint);
+        let coarse_ns =
+            (COARSE_MARGIN.max(self.spin + Duration::from_micros(500))).as_nanos() as u64;
         loop {
             if !self.apply_commands() {
                 return;
