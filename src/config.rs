@@ -53,6 +53,32 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_MESSAGES_PER_SEC", default_value_t = 20)]
     pub max_messages_per_sec: u32,
 
+    /// Most WebSocket clients at once; further upgrades get 503.
+    #[arg(long, env = "CONDUCTOR_MAX_CLIENTS", default_value_t = 100_000)]
+    pub max_clients: usize,
+
+    /// Only connections presenting this token (?token= or Authorization: Bearer) may change
+    /// the tempo; everyone else still receives ticks.
+    #[arg(long, env = "CONDUCTOR_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+
+    /// A browser Origin allowed to open /ws (repeatable, or comma-separated in the
+    /// environment); when given, other origins get 403. Requests without Origin are allowed.
+    #[arg(
+        long = "allowed-origin",
+        env = "CONDUCTOR_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Seconds a client may stay silent before the server pings it.
+    #[arg(long, env = "CONDUCTOR_PING_INTERVAL", default_value_t = 20)]
+    pub ping_interval: u64,
+
+    /// Seconds a pinged client has to answer before it is closed.
+    #[arg(long, env = "CONDUCTOR_PING_TIMEOUT", default_value_t = 10)]
+    pub ping_timeout: u64,
+
     /// Seconds a connection may take to send its HTTP request or upgrade.
     #[arg(long, env = "CONDUCTOR_HANDSHAKE_TIMEOUT", default_value_t = 10)]
     pub handshake_timeout: u64,
@@ -88,6 +114,12 @@ pub struct Config {
     pub max_queue: usize,
     pub max_message_bytes: usize,
     pub max_messages_per_sec: u32,
+    pub max_clients: usize,
+    pub control_token: Option<String>,
+    /// Lower-cased, without a trailing slash.
+    pub allowed_origins: Vec<String>,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
     pub handshake_timeout: Duration,
     pub rt_priority: i32,
     pub prewake: Duration,
@@ -114,6 +146,16 @@ pub enum ConfigError {
     BadMessageSize(usize),
     #[error("--max-messages-per-sec {0} is out of range; use 1 to 10000")]
     BadMessageRate(u32),
+    #[error("--max-clients {0} is out of range; use 1 to 10000000")]
+    BadMaxClients(usize),
+    #[error("--control-token must be 1 to 256 visible ASCII characters")]
+    BadToken,
+    #[error(
+        "--allowed-origin {0:?} is not an origin; give scheme://host[:port], e.g. https://example.org"
+    )]
+    BadOrigin(String),
+    #[error("--ping-interval and --ping-timeout must be 1 to 3600 seconds")]
+    BadPing,
     #[error("--handshake-timeout {0} is out of range; use 1 to 3600 seconds")]
     BadHandshakeTimeout(u64),
     #[error("--rt-priority {0} is out of range; use 0 (off) or 1 to 99")]
@@ -171,6 +213,30 @@ impl Cli {
         if self.prewake_us > 1500 {
             return Err(ConfigError::BadPrewake(self.prewake_us));
         }
+        if !(1..=10_000_000).contains(&self.max_clients) {
+            return Err(ConfigError::BadMaxClients(self.max_clients));
+        }
+        if let Some(token) = &self.control_token
+            && (token.is_empty()
+                || token.len() > 256
+                || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::BadToken);
+        }
+        let mut allowed_origins = Vec::new();
+        for origin in &self.allowed_origins {
+            let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+            let valid = o.split_once("://").is_some_and(|(scheme, host)| {
+                !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+            });
+            if !valid {
+                return Err(ConfigError::BadOrigin(origin.clone()));
+            }
+            allowed_origins.push(o);
+        }
+        if !(1..=3600).contains(&self.ping_interval) || !(1..=3600).contains(&self.ping_timeout) {
+            return Err(ConfigError::BadPing);
+        }
         if self.spin_us > 10_000 {
             return Err(ConfigError::BadSpin(self.spin_us));
         }
@@ -184,6 +250,11 @@ impl Cli {
             max_queue: self.max_queue,
             max_message_bytes: self.max_message_bytes,
             max_messages_per_sec: self.max_messages_per_sec,
+            max_clients: self.max_clients,
+            control_token: self.control_token.clone(),
+            allowed_origins,
+            ping_interval: Duration::from_secs(self.ping_interval),
+            ping_timeout: Duration::from_secs(self.ping_timeout),
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             rt_priority: self.rt_priority,
             prewake: Duration::from_micros(self.prewake_us),
@@ -242,6 +313,40 @@ mod tests {
         assert_eq!(
             parse(&["--rt-priority", "100"]).unwrap_err(),
             ConfigError::BadPriority(100)
+        );
+    }
+
+    #[test]
+    fn origins_are_normalised_and_checked() {
+        let c = parse(&[
+            "--allowed-origin",
+            "https://Example.org/",
+            "--allowed-origin",
+            "http://localhost:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.allowed_origins,
+            ["https://example.org", "http://localhost:3000"]
+        );
+        assert!(matches!(
+            parse(&["--allowed-origin", "example.org"]),
+            Err(ConfigError::BadOrigin(_))
+        ));
+        assert!(matches!(
+            parse(&["--allowed-origin", "https://a/b"]),
+            Err(ConfigError::BadOrigin(_))
+        ));
+        assert_eq!(
+            parse(&["--control-token", "has space"]).unwrap_err(),
+            ConfigError::BadToken
+        );
+        assert_eq!(
+            parse(&["--control-token", "s3cret"])
+                .unwrap()
+                .control_token
+                .as_deref(),
+            Some("s3cret")
         );
     }
 

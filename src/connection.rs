@@ -261,6 +261,37 @@ pub struct Connection {
     close_reason: Option<CloseReason>,
     /// Limits how many messages this client may send.
     pub rate: RateLimit,
+    /// Whether this client presented the control token (or none is required).
+    pub may_control: bool,
+    /// When the client last sent anything (any frame, pongs included).
+    last_heard: Instant,
+    /// When the server pinged it and is still waiting for an answer.
+    ping_sent: Option<Instant>,
+}
+
+/// What a silent client is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    Fine,
+    Ping,
+    /// Pinged, and no answer within the timeout.
+    Dead,
+}
+
+/// Decides what to do about a client last heard at `last_heard`, pinged at `ping_sent`.
+pub fn idle_check(
+    now: Instant,
+    last_heard: Instant,
+    ping_sent: Option<Instant>,
+    interval: Duration,
+    timeout: Duration,
+) -> Idle {
+    match ping_sent {
+        Some(sent) if now.duration_since(sent) >= timeout => Idle::Dead,
+        Some(_) => Idle::Fine,
+        None if now.duration_since(last_heard) >= interval => Idle::Ping,
+        None => Idle::Fine,
+    }
 }
 
 impl Connection {
@@ -273,6 +304,9 @@ impl Connection {
             accepted: now,
             close_reason: None,
             rate,
+            may_control: false,
+            last_heard: now,
+            ping_sent: None,
         }
     }
 
@@ -369,6 +403,8 @@ impl Connection {
             };
             let err = match ws.read(&mut io) {
                 Ok(message) => {
+                    self.last_heard = now;
+                    self.ping_sent = None;
                     if self.out.len() >= limit {
                         let _ = self.out.write_to(&mut self.sock);
                         if self.out.len() >= limit {
@@ -426,6 +462,33 @@ impl Connection {
         }
         self.out.push(Arc::clone(frame));
         true
+    }
+
+    /// Pings a client that has been silent too long, or closes one that never answered.
+    pub fn keep_alive(&mut self, now: Instant, interval: Duration, timeout: Duration) {
+        if !self.is_open() {
+            return;
+        }
+        match idle_check(now, self.last_heard, self.ping_sent, interval, timeout) {
+            Idle::Fine => {}
+            Idle::Ping => {
+                if let State::Open { ws } = &mut self.state {
+                    let mut io = WsIo {
+                        sock: &mut self.sock,
+                        out: &mut self.out,
+                    };
+                    // Writes into our queue; it cannot block or fail for an open context.
+                    let _ = ws.write(&mut io, Message::Ping(Default::default()));
+                }
+                self.ping_sent = Some(now);
+            }
+            Idle::Dead => self.close_ws(
+                CloseCode::Away,
+                "ping timeout",
+                CloseReason::PingTimeout,
+                now,
+            ),
+        }
     }
 
     /// Sends a close frame with `code` and starts closing. For a slow consumer the backlog is
@@ -636,6 +699,23 @@ mod tests {
         assert_eq!(r.check(t0), Rate::Close);
         // A new window starts afresh.
         assert_eq!(r.check(t0 + Duration::from_millis(1001)), Rate::Allow);
+    }
+
+    #[test]
+    fn silent_clients_are_pinged_then_dropped() {
+        let t0 = Instant::now();
+        let (interval, timeout) = (Duration::from_secs(20), Duration::from_secs(10));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(idle_check(at(5), t0, None, interval, timeout), Idle::Fine);
+        assert_eq!(idle_check(at(20), t0, None, interval, timeout), Idle::Ping);
+        assert_eq!(
+            idle_check(at(25), t0, Some(at(20)), interval, timeout),
+            Idle::Fine
+        );
+        assert_eq!(
+            idle_check(at(30), t0, Some(at(20)), interval, timeout),
+            Idle::Dead
+        );
     }
 
     #[test]

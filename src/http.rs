@@ -176,6 +176,76 @@ pub fn check_upgrade(req: &Request) -> Result<String, UpgradeError> {
     Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
+/// Whether a browser from this request's `Origin` may open the WebSocket. With no allow-list
+/// every origin may; a request without `Origin` is not from a browser page and may too.
+pub fn origin_allowed(req: &Request, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match req.header("origin") {
+        None => true,
+        Some(origin) => {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            allowed.contains(&origin)
+        }
+    }
+}
+
+/// The control token a request presents: `?token=` in the URL (browsers cannot set headers
+/// on a WebSocket) or `Authorization: Bearer`.
+pub fn presented_token(req: &Request) -> Option<String> {
+    let from_query = req
+        .query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+        .map(percent_decode);
+    from_query.or_else(|| {
+        req.header("authorization")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(|t| t.trim().to_string())
+    })
+}
+
+/// Decodes `%XX` escapes and `+`; anything malformed is kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Compares a presented token with the expected one in time that depends only on the expected
+/// token's length, so response timing does not reveal how much of a guess was right.
+pub fn tokens_match(presented: &str, expected: &str) -> bool {
+    let (p, e) = (presented.as_bytes(), expected.as_bytes());
+    let mut diff = p.len() ^ e.len();
+    for (i, b) in e.iter().enumerate() {
+        diff |= usize::from(p.get(i).copied().unwrap_or(0) ^ b);
+    }
+    diff == 0
+}
+
 /// True for the base64 encoding of 16 bytes: 22 alphabet characters and `==`.
 fn is_base64_nonce(key: &str) -> bool {
     let b = key.as_bytes();
@@ -357,6 +427,49 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(check_upgrade(&parse(&text)), Err(want), "{text}");
         }
+    }
+
+    #[test]
+    fn origin_allow_list() {
+        let allowed = vec!["https://example.org".to_string()];
+        let with = |origin: &str| {
+            parse(&UPGRADE.replace("Host: x\r\n", &format!("Host: x\r\nOrigin: {origin}\r\n")))
+        };
+        assert!(origin_allowed(&with("https://example.org"), &allowed));
+        assert!(origin_allowed(&with("https://EXAMPLE.org"), &allowed));
+        assert!(!origin_allowed(&with("https://evil.example"), &allowed));
+        assert!(!origin_allowed(&with("null"), &allowed));
+        assert!(
+            origin_allowed(&parse(UPGRADE), &allowed),
+            "no Origin: not a browser"
+        );
+        assert!(
+            origin_allowed(&with("https://evil.example"), &[]),
+            "no list: anyone"
+        );
+    }
+
+    #[test]
+    fn tokens_from_query_or_bearer_header() {
+        assert_eq!(presented_token(&parse(UPGRADE)).as_deref(), Some("abc"));
+        let encoded = UPGRADE.replace("token=abc", "x=1&token=a%2Fb%3D");
+        assert_eq!(presented_token(&parse(&encoded)).as_deref(), Some("a/b="));
+        let header = UPGRADE
+            .replace("?token=abc", "")
+            .replace("Host: x\r\n", "Host: x\r\nAuthorization: Bearer s3cret\r\n");
+        assert_eq!(presented_token(&parse(&header)).as_deref(), Some("s3cret"));
+        let none = UPGRADE.replace("?token=abc", "");
+        assert_eq!(presented_token(&parse(&none)), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(tokens_match("s3cret", "s3cret"));
+        assert!(!tokens_match("s3cre", "s3cret"));
+        assert!(!tokens_match("s3cret!", "s3cret"));
+        assert!(!tokens_match("", "s3cret"));
+        assert!(!tokens_match("S3cret", "s3cret"));
     }
 
     #[test]

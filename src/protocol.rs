@@ -87,6 +87,10 @@ pub struct HelloData {
     pub time_us: u64,
     pub min_bpm: Bpm,
     pub max_bpm: Bpm,
+    /// Whether this connection may change the tempo.
+    pub control: bool,
+    /// Whether the server asks for a control token at all.
+    pub token_required: bool,
     pub version: &'static str,
 }
 
@@ -138,6 +142,8 @@ pub enum ClientError {
     Busy,
     #[error("more than {0} messages a second; messages are being dropped, slow down")]
     RateLimited(u32),
+    #[error("this server requires a control token to change the tempo; connect with ?token=")]
+    Unauthorized,
 }
 
 impl ClientError {
@@ -152,6 +158,7 @@ impl ClientError {
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
             ClientError::RateLimited(_) => "rate_limited",
+            ClientError::Unauthorized => "unauthorized",
         }
     }
 }

@@ -357,7 +357,25 @@ impl Server {
     fn on_request(&mut self, key: usize, req: Request, now: Instant) {
         let route = http::route(&req.method, &req.path);
         let response = match route {
+            Route::WebSocket if !http::origin_allowed(&req, &self.cfg.allowed_origins) => {
+                self.stats.count_refused(RefuseReason::ForbiddenOrigin);
+                (
+                    403,
+                    http::text_error(
+                        403,
+                        "this page's origin may not open the WebSocket (--allowed-origin)",
+                    ),
+                )
+            }
             Route::WebSocket => match http::check_upgrade(&req) {
+                Ok(_) if self.stats.clients >= self.cfg.max_clients => {
+                    self.stats.count_refused(RefuseReason::MaxClients);
+                    let message = format!(
+                        "server full: {} clients connected; try again later",
+                        self.stats.clients
+                    );
+                    (503, http::text_error(503, &message))
+                }
                 Ok(accept) => return self.upgrade(key, &req, &accept),
                 Err(e) => {
                     self.stats.count_refused(RefuseReason::BadUpgrade);
@@ -365,7 +383,13 @@ impl Server {
                 }
             },
             Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
-            Route::Healthz => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
+            Route::Healthz => match self.stats.degraded() {
+                None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
+                Some(why) => (
+                    503,
+                    http::response(503, "text/plain; charset=utf-8", why.as_bytes()),
+                ),
+            },
             Route::Stats => (
                 200,
                 http::response(
@@ -394,6 +418,12 @@ impl Server {
     }
 
     fn upgrade(&mut self, key: usize, req: &Request, accept: &str) {
+        let may_control = match &self.cfg.control_token {
+            None => true,
+            Some(expected) => {
+                http::presented_token(req).is_some_and(|t| http::tokens_match(&t, expected))
+            }
+        };
         let hello = protocol::hello(&HelloData {
             bpm: self.bpm,
             ppqn: self.cfg.ppqn,
@@ -402,12 +432,16 @@ impl Server {
             time_us: self.clock.unix_now_ns() / 1_000,
             min_bpm: self.cfg.min_bpm,
             max_bpm: self.cfg.max_bpm,
+            control: may_control,
+            token_required: self.cfg.control_token.is_some(),
             version: env!("CARGO_PKG_VERSION"),
         });
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         self.stats.count_http(101);
+        self.stats.clients += 1;
+        conn.may_control = may_control;
         conn.upgrade(
             http::switching_protocols(accept),
             req.head_len,
@@ -418,8 +452,11 @@ impl Server {
     }
 
     fn on_message(&mut self, key: usize, message: Message) {
+        let may_control = self.conns.get(key).is_some_and(|c| c.may_control);
         let result = match message {
-            Message::Text(text) => protocol::decode(&text).and_then(|m| self.on_client_message(m)),
+            Message::Text(text) => {
+                protocol::decode(&text).and_then(|m| self.on_client_message(m, may_control))
+            }
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
@@ -433,8 +470,13 @@ impl Server {
         }
     }
 
-    fn on_client_message(&mut self, message: ClientMessage) -> Result<(), ClientError> {
+    fn on_client_message(
+        &mut self,
+        message: ClientMessage,
+        may_control: bool,
+    ) -> Result<(), ClientError> {
         match message {
+            ClientMessage::SetBpm(_) if !may_control => Err(ClientError::Unauthorized),
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
                 if self.timing.send(TimingCommand::SetTempo(bpm)) {
@@ -539,10 +581,14 @@ impl Server {
 
     fn housekeeping(&mut self, now: Instant) {
         let timeout = self.cfg.handshake_timeout;
+        let (interval, ping_timeout) = (self.cfg.ping_interval, self.cfg.ping_timeout);
         for (key, conn) in self.conns.iter_mut() {
             if conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
             }
+            conn.keep_alive(now, interval, ping_timeout);
+            self.stats.messages_sent += conn.flush();
+            count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.finished.push(key);
             }
@@ -600,7 +646,7 @@ impl Server {
         Snapshot {
             bpm: self.bpm,
             ppqn: self.cfg.ppqn,
-            clients: self.conns.iter().filter(|(_, c)| c.is_open()).count(),
+            clients: self.stats.clients,
             count: self.count,
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.dropped_ticks(),

@@ -13,6 +13,9 @@ use crate::tempo::Bpm;
 /// A tick more than this late counts as late in `conductor_late_ticks_total`.
 pub const LATE_TICK_NS: u64 = 1_000_000;
 
+/// Late ticks among the last 64 that make `/healthz` report the server degraded.
+pub const DEGRADED_LATE_TICKS: u32 = 8;
+
 /// A latency distribution in nanoseconds, 1 ns to 60 s at two significant figures (1%).
 pub struct LatencyHistogram(Histogram<u64>);
 
@@ -87,10 +90,12 @@ pub enum CloseReason {
     Shutdown,
     /// Sent messages at ten times the rate limit (1008).
     RateLimited,
+    /// Did not answer the server's ping in time (1001).
+    PingTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::ClientClosed,
         CloseReason::SlowConsumer,
         CloseReason::ProtocolError,
@@ -99,6 +104,7 @@ impl CloseReason {
         CloseReason::IoError,
         CloseReason::Shutdown,
         CloseReason::RateLimited,
+        CloseReason::PingTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -111,6 +117,7 @@ impl CloseReason {
             CloseReason::IoError => "io_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::PingTimeout => "ping_timeout",
         }
     }
 }
@@ -126,14 +133,20 @@ pub enum RefuseReason {
     HandshakeTimeout,
     /// The process ran out of file descriptors; the connection was not accepted.
     FdLimit,
+    /// A browser page from an origin not in --allowed-origin (403).
+    ForbiddenOrigin,
+    /// --max-clients were already connected (503).
+    MaxClients,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 4] = [
+    pub const ALL: [RefuseReason; 6] = [
         RefuseReason::BadRequest,
         RefuseReason::BadUpgrade,
         RefuseReason::HandshakeTimeout,
         RefuseReason::FdLimit,
+        RefuseReason::ForbiddenOrigin,
+        RefuseReason::MaxClients,
     ];
 
     pub fn label(self) -> &'static str {
@@ -142,6 +155,8 @@ impl RefuseReason {
             RefuseReason::BadUpgrade => "bad_upgrade",
             RefuseReason::HandshakeTimeout => "handshake_timeout",
             RefuseReason::FdLimit => "fd_limit",
+            RefuseReason::ForbiddenOrigin => "forbidden_origin",
+            RefuseReason::MaxClients => "max_clients",
         }
     }
 }
@@ -162,6 +177,11 @@ pub struct ServerStats {
     pub connections_accepted: u64,
     pub client_errors: u64,
     pub tempo_changes: u64,
+    /// WebSocket clients connected now: counted up on upgrade and down in `count_close`, the
+    /// one place a client stops being one.
+    pub clients: usize,
+    /// One bit per recent tick, newest lowest: set when it was late.
+    recent_late: u64,
     closed: [u64; CloseReason::ALL.len()],
     refused: [u64; RefuseReason::ALL.len()],
     http_responses: Vec<(u16, u64)>,
@@ -170,13 +190,23 @@ pub struct ServerStats {
 impl ServerStats {
     pub fn record_tick(&mut self, lateness_ns: u64) {
         self.ticks_emitted += 1;
-        if lateness_ns > LATE_TICK_NS {
+        let late = lateness_ns > LATE_TICK_NS;
+        if late {
             self.late_ticks += 1;
         }
+        self.recent_late = (self.recent_late << 1) | u64::from(late);
         self.lateness.record(lateness_ns);
     }
 
+    /// Why the server is unhealthy, if it is: sustained lateness on the timing thread.
+    pub fn degraded(&self) -> Option<String> {
+        let late = self.recent_late.count_ones();
+        (late >= DEGRADED_LATE_TICKS)
+            .then(|| format!("degraded: {late} of the last 64 ticks were more than 1 ms late"))
+    }
+
     pub fn count_close(&mut self, reason: CloseReason) {
+        self.clients = self.clients.saturating_sub(1);
         if let Some(i) = CloseReason::ALL.iter().position(|r| *r == reason) {
             self.closed[i] += 1;
         }
@@ -225,6 +255,10 @@ pub fn stats_json(s: &Snapshot) -> String {
     for r in CloseReason::ALL {
         closed.insert(r.label().into(), st.closed(r).into());
     }
+    let mut refused = serde_json::Map::new();
+    for (i, r) in RefuseReason::ALL.iter().enumerate() {
+        refused.insert(r.label().into(), st.refused[i].into());
+    }
     let doc = json!({
         "bpm": s.bpm,
         "ppqn": s.ppqn,
@@ -239,6 +273,8 @@ pub fn stats_json(s: &Snapshot) -> String {
         "fanout_us": st.fanout.summary().micros(),
         "handoff_us": st.handoff.summary().micros(),
         "closed": closed,
+        "refused": refused,
+        "healthy": st.degraded().is_none(),
         "version": env!("CARGO_PKG_VERSION"),
     });
     doc.to_string()
@@ -432,6 +468,25 @@ mod tests {
         assert!((495_000..=505_000).contains(&p.p50), "{p:?}");
         assert!((985_000..=1_000_000).contains(&p.p99), "{p:?}");
         assert!(p.max >= 995_000, "{p:?}");
+    }
+
+    #[test]
+    fn sustained_lateness_degrades_health_and_recovers() {
+        let mut st = ServerStats::default();
+        for _ in 0..100 {
+            st.record_tick(10_000);
+        }
+        assert_eq!(st.degraded(), None);
+        for _ in 0..7 {
+            st.record_tick(5_000_000);
+        }
+        assert_eq!(st.degraded(), None, "a few late ticks are not sustained");
+        st.record_tick(5_000_000);
+        assert!(st.degraded().unwrap().contains("8 of the last 64"));
+        for _ in 0..64 {
+            st.record_tick(10_000);
+        }
+        assert_eq!(st.degraded(), None);
     }
 
     #[test]

@@ -300,44 +300,11 @@ fn help_lists_every_option_with_its_environment_variable() {
     assert!(help.contains("[env: CONDUCTOR_BPM="), "{help}");
 }
 
-/// A TCP connection whose receive buffer is tiny, so the server's backlog builds up fast.
-fn tiny_buffer_stream(port: u16) -> std::net::TcpStream {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor we own; the address struct outlives connect.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let size: libc::c_int = 2048;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect");
-        std::net::TcpStream::from_raw_fd(fd)
-    }
-}
-
 #[test]
 fn a_slow_consumer_is_closed_with_1008_and_counted_while_others_keep_time() {
     // 200 BPM at 960 ppqn: 3,200 ticks a second, so a stalled reader falls behind in moments.
     let server = Server::start(&["--bpm", "200", "--ppqn", "960", "--max-queue", "8"]);
-    let stream = tiny_buffer_stream(server.port);
+    let stream = common::tiny_buffer_stream(server.port);
     let url = format!("ws://127.0.0.1:{}/ws", server.port);
     let (mut slow, _) = tungstenite::client::client(url, stream).expect("handshake");
     let mut healthy = server.ws();

@@ -21,14 +21,34 @@ pub struct Server {
 impl Server {
     /// Starts the binary on 127.0.0.1 with a kernel-chosen port and extra `args`.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["--port", "0", "--bind", "127.0.0.1"])
+        Server::start_with(args, None)
+    }
+
+    /// Like `start`, with the open-files limit (soft and hard) set to `nofile`.
+    pub fn start_with(args: &[&str], nofile: Option<u64>) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--port", "0", "--bind", "127.0.0.1"])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn conductor");
+            .stderr(Stdio::inherit());
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only a local struct.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn conductor");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -45,6 +65,31 @@ impl Server {
 
     pub fn ws(&self) -> Client {
         Client::connect(self.port, "/ws")
+    }
+
+    /// A WebSocket upgrade with extra request headers; returns the client or the HTTP status.
+    pub fn ws_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<Client, u16> {
+        use tungstenite::client::IntoClientRequest;
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut request = format!("ws://127.0.0.1:{}{path}", self.port)
+            .into_client_request()
+            .unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        match tungstenite::client::client(request, stream) {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                Err(resp.status().as_u16())
+            }
+            Err(e) => panic!("handshake: {e}"),
+        }
     }
 
     /// Sends raw bytes and returns everything the server answers until it closes.
@@ -162,5 +207,38 @@ impl Client {
                 Err(e) => panic!("no close frame: {e}"),
             }
         }
+    }
+}
+
+/// A TCP connection whose receive buffer is tiny, so the server's backlog builds up fast.
+pub fn tiny_buffer_stream(port: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own; the address struct outlives connect.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 2048;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect");
+        std::net::TcpStream::from_raw_fd(fd)
     }
 }
