@@ -231,20 +231,28 @@ impl Server {
                 Ok((sock, peer)) => self.add_connection(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                    // Out of descriptors: the pending connection stays in the backlog and would
-                    // make every poll return at once. Pause accepting; keep serving the rest.
+                // These concern one connection that is already gone, not the listener.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)
+                    ) =>
+                {
+                    debug!("accept failed: {e}");
+                }
+                Err(e) => {
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the pending connection
+                    // stays in the backlog and retrying at once would spin. Pause accepting;
+                    // keep serving everyone connected.
                     if !self.fd_limit_logged {
-                        warn!("accept paused: out of file descriptors ({e}); raise ulimit -n");
+                        warn!(
+                            "accept paused: {e}; raise ulimit -n if this is the open-files limit"
+                        );
                         self.fd_limit_logged = true;
                     }
                     self.stats.count_refused(RefuseReason::FdLimit);
                     self.accept_paused_until = Some(Instant::now() + FD_BACKOFF);
                     return;
-                }
-                Err(e) => {
-                    // ECONNABORTED and friends concern one connection, not the listener.
-                    debug!("accept failed: {e}");
                 }
             }
         }

@@ -131,7 +131,7 @@ pub enum RefuseReason {
     BadUpgrade,
     /// The request head did not arrive in time.
     HandshakeTimeout,
-    /// The process ran out of file descriptors; the connection was not accepted.
+    /// The process ran out of file descriptors (or memory); the connection waits in the backlog.
     FdLimit,
     /// A browser page from an origin not in --allowed-origin (403).
     ForbiddenOrigin,
