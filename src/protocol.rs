@@ -138,7 +138,7 @@ pub enum ClientError {
     OutOfRange { value: f64, min: Bpm, max: Bpm },
     #[error("binary frames are not part of this protocol; send JSON text frames")]
     Binary,
-    #[error("the server is busy applying earlier tempo changes; try again shortly")]
+    #[error("tempo changes are coming faster than the server applies them; try again shortly")]
     Busy,
     #[error("more than {0} messages a second; messages are being dropped, slow down")]
     RateLimited(u32),

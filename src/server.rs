@@ -45,6 +45,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Messages handled from one connection per readiness event before the loop moves on (and
 /// comes back after the next poll): one chatty client cannot hold everyone else.
 const MESSAGES_PER_EVENT: usize = 64;
+/// Tempo changes the server applies per second, from all clients together.
+const MAX_TEMPO_CHANGES_PER_SEC: u32 = 10;
 /// How long past a tick's deadline the loop keeps busy-polling for it.
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
@@ -77,6 +79,10 @@ pub struct Server {
     started: Instant,
     /// The tempo and count as the loop last heard them from the timing thread.
     bpm: Bpm,
+    /// The tempo last asked of the timing thread (equal to `bpm` once it has applied it).
+    requested_bpm: Bpm,
+    /// Tempo changes per second, server-wide: each one is a broadcast to every client.
+    tempo_changes: RateLimit,
     count: u64,
     accept_paused_until: Option<Instant>,
     fd_limit_logged: bool,
@@ -117,6 +123,8 @@ impl Server {
                 .map_err(ServerError::Timing)?;
         Ok(Server {
             bpm: cfg.bpm,
+            requested_bpm: cfg.bpm,
+            tempo_changes: RateLimit::new(MAX_TEMPO_CHANGES_PER_SEC),
             cfg,
             poll,
             listener: Some(listener),
@@ -463,7 +471,7 @@ impl Server {
         let may_control = self.conns.get(key).is_some_and(|c| c.may_control);
         let result = match message {
             Message::Text(text) => {
-                protocol::decode(&text).and_then(|m| self.on_client_message(m, may_control))
+                protocol::decode(&text).and_then(|m| self.on_client_message(key, m, may_control))
             }
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
@@ -480,6 +488,7 @@ impl Server {
 
     fn on_client_message(
         &mut self,
+        key: usize,
         message: ClientMessage,
         may_control: bool,
     ) -> Result<(), ClientError> {
@@ -487,11 +496,24 @@ impl Server {
             ClientMessage::SetBpm(_) if !may_control => Err(ClientError::Unauthorized),
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
-                if self.timing.send(TimingCommand::SetTempo(bpm)) {
-                    Ok(())
-                } else {
-                    Err(ClientError::Busy)
+                if bpm == self.requested_bpm {
+                    // Nothing changes for anyone else: confirm to the sender only, so one
+                    // client cannot make the server write to every client at will.
+                    let frame = protocol::text_frame(&protocol::bpm_change(bpm));
+                    if let Some(conn) = self.conns.get_mut(key) {
+                        conn.send(&frame, self.cfg.max_queue);
+                    }
+                    return Ok(());
                 }
+                // Every change is a write to every client; cap them server-wide.
+                if self.tempo_changes.check(Instant::now()) != Rate::Allow {
+                    return Err(ClientError::Busy);
+                }
+                if !self.timing.send(TimingCommand::SetTempo(bpm)) {
+                    return Err(ClientError::Busy);
+                }
+                self.requested_bpm = bpm;
+                Ok(())
             }
         }
     }

@@ -203,14 +203,17 @@ struct Ticker {
 
 impl Ticker {
     fn run(mut self) {
-        let spin_ns = u32::try_from(self.spin.as_nanos()).unwrap_or(u32::MAX);
-        let sleeper = SpinSleeper::new(spin_ns).with_spin_strategy(SpinStrategy::SpinLoopHint);
         let coarse_ns =
             (COARSE_MARGIN.max(self.spin + Duration::from_micros(500))).as_nanos() as u64;
         loop {
             if !self.apply_commands() {
                 return;
             }
+            // Never spin more than a quarter of the interval: at fast tick rates the thread
+            // would otherwise spin all the time.
+            let spin_ns =
+                (self.spin.as_nanos() as f64).min(self.schedule.interval_ns() / 4.0) as u32;
+            let sleeper = SpinSleeper::new(spin_ns).with_spin_strategy(SpinStrategy::SpinLoopHint);
             let deadline = self.schedule.deadline_ns(self.next);
             let now = self.clock.now_ns();
             if deadline > now + coarse_ns {

@@ -217,7 +217,16 @@ fn dead_peers_are_pinged_then_closed_and_live_ones_stay() {
 #[test]
 fn a_hundred_stalled_clients_leave_a_reading_client_gap_free() {
     // Fast ticks so the stalled clients' buffers fill and they are cut off during the test.
-    let server = Server::start(&["--bpm", "200", "--ppqn", "96", "--max-queue", "16"]);
+    let server = Server::start(&[
+        "--bpm",
+        "200",
+        "--ppqn",
+        "96",
+        "--max-queue",
+        "16",
+        "--rt-priority",
+        "0",
+    ]);
     let mut stalled = Vec::new();
     for _ in 0..100 {
         let url = format!("ws://127.0.0.1:{}/ws", server.port);
