@@ -161,7 +161,8 @@ impl TimingThread {
 
     /// Stops the thread and waits for it.
     pub fn stop(mut self) {
-        while !self.send(TimingCommand::Stop) {
+        // A thread that already ended (it never should) cannot take the command.
+        while !self.handle.is_finished() && !self.send(TimingCommand::Stop) {
             thread::yield_now();
         }
         if self.handle.join().is_err() {

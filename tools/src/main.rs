@@ -205,8 +205,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.clients == 0 || cli.threads == 0 || cli.duration <= 0.0 {
-        eprintln!("conductor-probe: --clients, --threads and --duration must be positive");
+    let seconds_ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86_400.0;
+    if cli.clients == 0 || cli.threads == 0 || !seconds_ok(cli.duration) || !seconds_ok(cli.timeout)
+    {
+        eprintln!(
+            "conductor-probe: --clients and --threads must be positive, --duration and --timeout \
+             between 0 and 86400 seconds"
+        );
+        return ExitCode::from(2);
+    }
+    if cli.sources.is_some_and(|n| !(1..=254).contains(&n)) {
+        eprintln!("conductor-probe: --sources must be 1 to 254 (127.0.0.1 .. 127.0.0.254)");
         return ExitCode::from(2);
     }
     raise_fd_limit();

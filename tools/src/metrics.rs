@@ -59,7 +59,9 @@ impl ConnTrack {
             Some(prev) => {
                 let steps = a.count - prev.count;
                 let ideal = a.ideal_interval_ns();
-                if steps == 1 && a.bpm == prev.bpm {
+                // Two ticks out of one read share a timestamp: the interval between them says
+                // when the probe read, not when the server sent, so it is no sample.
+                if steps == 1 && a.bpm == prev.bpm && a.at_ns != prev.at_ns {
                     let actual = (a.at_ns - prev.at_ns) as f64;
                     rec.jitter
                         .saturating_record((actual - ideal).abs().round().max(1.0) as u64);
@@ -105,8 +107,12 @@ impl Default for Recorder {
 
 impl Recorder {
     fn observe_arrival(&mut self, a: &Arrival) {
-        if let Some(us) = a.scheduled_us {
-            let latency = a.at_ns - us * 1000;
+        // A server may send any number: drop what does not fit rather than overflow.
+        if let Some(latency) = a
+            .scheduled_us
+            .and_then(|us| us.checked_mul(1000))
+            .and_then(|ns| a.at_ns.checked_sub(ns))
+        {
             if latency < 0 {
                 self.early += 1;
             } else {
@@ -289,6 +295,26 @@ mod tests {
         let latency = Percentiles::of(&a.latency);
         assert!((latency.p50 - 100.0).abs() < 1.0, "{latency:?}");
         assert_eq!(a.early, 0);
+    }
+
+    #[test]
+    fn ticks_from_one_read_give_no_interval_sample() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        t.observe(arrival(0, 0.0), &mut rec);
+        t.observe(arrival(1, 250.0), &mut rec);
+        t.observe(arrival(2, 250.0), &mut rec);
+        assert_eq!(rec.jitter.len(), 1);
+        assert_eq!(t.ticks, 3);
+    }
+
+    #[test]
+    fn absurd_scheduled_times_are_dropped_not_overflowed() {
+        let mut rec = Recorder::default();
+        let mut a = arrival(0, 1.0);
+        a.scheduled_us = Some(i64::MAX / 10);
+        ConnTrack::default().observe(a, &mut rec);
+        assert_eq!(rec.latency.len(), 0);
     }
 
     #[test]

@@ -118,6 +118,8 @@ impl Read for TsStream {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
+        // A read without a timestamp must not inherit the previous one.
+        self.last_rx_ns = None;
         let mut control = [0u64; 16];
         // SAFETY: msghdr is plain data; zeroed is a valid empty header we then fill in.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
