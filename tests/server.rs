@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Server};
+use common::{Server, bin};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -272,7 +272,7 @@ fn bad_flags_are_refused_with_one_line_and_status_2() {
         &["--port", "70000"],
         &["--frobnicate"],
     ] {
-        let out = Command::new(BIN).args(args).output().expect("run");
+        let out = Command::new(bin()).args(args).output().expect("run");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
@@ -282,7 +282,7 @@ fn bad_flags_are_refused_with_one_line_and_status_2() {
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let out = Command::new(BIN).arg("--help").output().expect("run");
+    let out = Command::new(bin()).arg("--help").output().expect("run");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [

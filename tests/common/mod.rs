@@ -10,7 +10,25 @@ use serde_json::Value;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_conductor");
+/// The `conductor` binary: cargo's own path in this package's tests; in the probe package's
+/// tests (which share this module), the one built beside them in the same target directory.
+pub fn bin() -> std::path::PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_conductor") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let bin = dir.join("conductor");
+    assert!(
+        bin.exists(),
+        "{} is missing: run cargo test --workspace",
+        bin.display()
+    );
+    bin
+}
 
 /// A running server; killed when dropped.
 pub struct Server {
@@ -26,7 +44,7 @@ impl Server {
 
     /// Like `start`, with the open-files limit (soft and hard) set to `nofile`.
     pub fn start_with(args: &[&str], nofile: Option<u64>) -> Server {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["--port", "0", "--bind", "127.0.0.1"])
             .args(args)
             .env("RUST_LOG", "warn")

@@ -1,5 +1,6 @@
 //! conductor-probe against the real server, and against a real Socket.IO v4 server from npm.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::net::TcpListener;
@@ -11,13 +12,7 @@ use common::Server;
 use serde_json::Value;
 
 fn probe_bin() -> PathBuf {
-    let bin = Path::new(common::BIN).with_file_name("conductor-probe");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the workspace's tests (cargo test --workspace) so it is built",
-        bin.display()
-    );
-    bin
+    PathBuf::from(env!("CARGO_BIN_EXE_conductor-probe"))
 }
 
 fn probe(args: &[&str]) -> Output {
@@ -198,7 +193,7 @@ impl Drop for Node {
 }
 
 fn socketio_server(port: u16) -> Node {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/socketio-ref");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/socketio-ref");
     assert!(
         dir.join("node_modules/socket.io").exists(),
         "socket.io is not installed: run `npm ci --prefix bench/socketio-ref` (.ci/run does)"
