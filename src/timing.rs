@@ -262,8 +262,9 @@ impl Ticker {
             match command {
                 TimingCommand::Stop => return false,
                 TimingCommand::SetTempo(bpm) => {
-                    // Re-sending the current tempo changes nothing, but is still announced:
-                    // the predecessor answered every setBpm with a bpmChange.
+                    // The loop filters out requests for the tempo it already asked for, but a
+                    // change and its reversal can both be queued; the reversal re-anchors
+                    // nothing and is still announced, so every client hears the final tempo.
                     if bpm != self.schedule.bpm() {
                         let now = self.clock.now_ns();
                         self.schedule =
