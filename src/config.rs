@@ -40,6 +40,11 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_PPQN", default_value_t = 4)]
     pub ppqn: u32,
 
+    /// Beats in a bar: a quantised `start` waits for the next bar line, so everyone comes in
+    /// on the downbeat together.
+    #[arg(long, env = "CONDUCTOR_BEATS_PER_BAR", default_value_t = 4)]
+    pub beats_per_bar: u32,
+
     /// Frames a client may fall behind before it is closed with 1008 (slow consumer).
     #[arg(long, env = "CONDUCTOR_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -111,6 +116,7 @@ pub struct Config {
     pub min_bpm: Bpm,
     pub max_bpm: Bpm,
     pub ppqn: u32,
+    pub beats_per_bar: u32,
     pub max_queue: usize,
     pub max_message_bytes: usize,
     pub max_messages_per_sec: u32,
@@ -140,6 +146,8 @@ pub enum ConfigError {
     BpmOutOfRange { bpm: Bpm, min: Bpm, max: Bpm },
     #[error("--ppqn {0} is out of range; use 1 to 960 (4 = 16th notes, 24 = MIDI clock)")]
     BadPpqn(u32),
+    #[error("--beats-per-bar {0} is out of range; use 1 to 64")]
+    BadBeatsPerBar(u32),
     #[error("--max-queue {0} is out of range; use 2 to 65536")]
     BadQueue(usize),
     #[error("--max-message-bytes {0} is out of range; use 64 to 1048576")]
@@ -195,6 +203,9 @@ impl Cli {
         if !(1..=960).contains(&self.ppqn) {
             return Err(ConfigError::BadPpqn(self.ppqn));
         }
+        if !(1..=64).contains(&self.beats_per_bar) {
+            return Err(ConfigError::BadBeatsPerBar(self.beats_per_bar));
+        }
         if !(2..=65536).contains(&self.max_queue) {
             return Err(ConfigError::BadQueue(self.max_queue));
         }
@@ -247,6 +258,7 @@ impl Cli {
             min_bpm,
             max_bpm,
             ppqn: self.ppqn,
+            beats_per_bar: self.beats_per_bar,
             max_queue: self.max_queue,
             max_message_bytes: self.max_message_bytes,
             max_messages_per_sec: self.max_messages_per_sec,
