@@ -31,3 +31,4 @@ pub mod server;
 pub mod stats;
 pub mod tempo;
 pub mod timing;
+pub mod transport;

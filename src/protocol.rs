@@ -3,8 +3,8 @@
 //! This module owns what the bytes mean, both ways, and the encoding of server frames. It is
 //! pure: it knows nothing of sockets, connections or clocks (times come in as arguments). The
 //! seed's messages (`tick`, `bpmChange`, `setBpm`) keep their exact shapes; everything added
-//! (`hello`, `error`, the extra tick fields) is additive, so the predecessor's clients keep
-//! working.
+//! (`hello`, `timeline`, `transport`, `pong`, `error`, the extra tick fields) is additive, so the
+//! predecessor's clients keep working: they ignore events they do not know.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::tempo::Bpm;
+use crate::transport::{Quantize, TransportState};
 
 /// An encoded server frame, shared by every connection it is sent to.
 pub type SharedFrame = Arc<[u8]>;
@@ -87,6 +88,9 @@ pub struct HelloData {
     pub time_us: u64,
     pub min_bpm: Bpm,
     pub max_bpm: Bpm,
+    pub beats_per_bar: u32,
+    /// Whether the transport is playing (or about to start).
+    pub playing: bool,
     /// Whether this connection may change the tempo.
     pub control: bool,
     /// Whether the server asks for a control token at all.
@@ -96,6 +100,80 @@ pub struct HelloData {
 
 pub fn hello(data: &HelloData) -> String {
     envelope("hello", data)
+}
+
+/// Unix nanoseconds as milliseconds with a microsecond fraction: precise enough for clock sync,
+/// and a plain JSON number every client can read.
+fn unix_ms(unix_ns: u64) -> f64 {
+    (unix_ns / 1_000) as f64 / 1_000.0
+}
+
+#[derive(Serialize)]
+struct PongData {
+    t0: f64,
+    t1: f64,
+    t2: f64,
+}
+
+/// The answer to a clock-sync ping: the client's `t0` back, with the server's receive (`t1`)
+/// and send (`t2`) times, so the client can apply NTP's offset and delay formulas.
+pub fn pong(t0: f64, received_unix_ns: u64, sent_unix_ns: u64) -> String {
+    envelope(
+        "pong",
+        PongData {
+            t0,
+            t1: unix_ms(received_unix_ns),
+            t2: unix_ms(sent_unix_ns),
+        },
+    )
+}
+
+/// A transport state and the tick it holds from.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TransportData {
+    pub state: &'static str,
+    /// The first tick in this state.
+    pub count: u64,
+    /// That tick's scheduled instant, unix µs and ms.
+    pub time_us: u64,
+    pub time: u64,
+}
+
+impl TransportData {
+    pub fn new(state: TransportState, count: u64, unix_ns: u64) -> TransportData {
+        TransportData {
+            state: state.label(),
+            count,
+            time_us: unix_ns / 1_000,
+            time: unix_ns / 1_000_000,
+        }
+    }
+}
+
+pub fn transport(data: &TransportData) -> String {
+    envelope("transport", data)
+}
+
+/// Everything a client needs to compute every future tick's instant without waiting for it:
+/// tick `n >= count` is due at `time_us + (n − count) · 60e6 / (bpm · ppqn)` µs, server unix
+/// time.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TimelineData {
+    /// The anchor: the first tick at this tempo.
+    pub count: u64,
+    /// The anchor's scheduled instant, unix µs and ms.
+    pub time_us: u64,
+    pub time: u64,
+    pub bpm: Bpm,
+    pub ppqn: u32,
+    pub beats_per_bar: u32,
+    /// The exact interval between ticks, µs (fractional).
+    pub interval_us: f64,
+    pub transport: TransportData,
+}
+
+pub fn timeline(data: &TimelineData) -> String {
+    envelope("timeline", data)
 }
 
 #[derive(Serialize)]
@@ -120,6 +198,12 @@ pub fn error(err: &ClientError) -> String {
 pub enum ClientMessage {
     /// `{"event":"setBpm","data":140}`: the value as sent, not yet range-checked.
     SetBpm(f64),
+    /// `{"event":"ping","data":{"t0":...}}`: a clock-sync probe; `t0` is echoed back.
+    Ping(f64),
+    /// `{"event":"start"}`, optionally `"data":{"quantize":"bar"|"beat"|"none"}`.
+    Start(Quantize),
+    /// `{"event":"stop"}`.
+    Stop,
 }
 
 /// Why a client's message was refused. Each is answered with an `error` event; none closes the
@@ -130,19 +214,25 @@ pub enum ClientError {
     InvalidJson(String),
     #[error("message must be a JSON object with a string \"event\" field")]
     NotAnEvent,
-    #[error("unknown event {0:?}; this server understands: setBpm")]
+    #[error("unknown event {0:?}; this server understands: setBpm, start, stop, ping")]
     UnknownEvent(String),
     #[error("setBpm needs a number as data, e.g. {{\"event\":\"setBpm\",\"data\":140}}")]
     NotANumber,
     #[error("bpm {value} is out of range; choose {min} to {max}")]
     OutOfRange { value: f64, min: Bpm, max: Bpm },
+    #[error("ping needs a number t0, e.g. {{\"event\":\"ping\",\"data\":{{\"t0\":12.5}}}}")]
+    BadPing,
+    #[error("start's quantize must be \"bar\", \"beat\" or \"none\"")]
+    BadQuantize,
     #[error("binary frames are not part of this protocol; send JSON text frames")]
     Binary,
     #[error("tempo changes are coming faster than the server applies them; try again shortly")]
     Busy,
     #[error("more than {0} messages a second; messages are being dropped, slow down")]
     RateLimited(u32),
-    #[error("this server requires a control token to change the tempo; connect with ?token=")]
+    #[error(
+        "this server requires a control token to change the tempo or transport; connect with ?token="
+    )]
     Unauthorized,
 }
 
@@ -155,6 +245,8 @@ impl ClientError {
             ClientError::UnknownEvent(_) => "unknown_event",
             ClientError::NotANumber => "invalid_bpm",
             ClientError::OutOfRange { .. } => "bpm_out_of_range",
+            ClientError::BadPing => "invalid_ping",
+            ClientError::BadQuantize => "invalid_quantize",
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
             ClientError::RateLimited(_) => "rate_limited",
@@ -178,6 +270,25 @@ pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
             Some(bpm) => Ok(ClientMessage::SetBpm(bpm)),
             None => Err(ClientError::NotANumber),
         },
+        "ping" => match fields
+            .get("data")
+            .and_then(|d| d.get("t0"))
+            .and_then(Value::as_f64)
+        {
+            Some(t0) => Ok(ClientMessage::Ping(t0)),
+            None => Err(ClientError::BadPing),
+        },
+        "start" => match fields.get("data") {
+            None | Some(Value::Null) => Ok(ClientMessage::Start(Quantize::Bar)),
+            Some(data) => match data.get("quantize") {
+                None | Some(Value::Null) => Ok(ClientMessage::Start(Quantize::Bar)),
+                Some(Value::String(q)) => Quantize::parse(q)
+                    .map(ClientMessage::Start)
+                    .ok_or(ClientError::BadQuantize),
+                Some(_) => Err(ClientError::BadQuantize),
+            },
+        },
+        "stop" => Ok(ClientMessage::Stop),
         _ => Err(ClientError::UnknownEvent(clip(&event, 40))),
     }
 }
@@ -242,6 +353,68 @@ mod tests {
     }
 
     #[test]
+    fn decodes_ping_start_and_stop() {
+        assert_eq!(
+            decode(r#"{"event":"ping","data":{"t0":1234.5}}"#),
+            Ok(ClientMessage::Ping(1234.5))
+        );
+        assert_eq!(
+            decode(r#"{"event":"start"}"#),
+            Ok(ClientMessage::Start(Quantize::Bar))
+        );
+        assert_eq!(
+            decode(r#"{"event":"start","data":{"quantize":"none"}}"#),
+            Ok(ClientMessage::Start(Quantize::None))
+        );
+        assert_eq!(
+            decode(r#"{"event":"start","data":{}}"#),
+            Ok(ClientMessage::Start(Quantize::Bar))
+        );
+        assert_eq!(decode(r#"{"event":"stop"}"#), Ok(ClientMessage::Stop));
+    }
+
+    #[test]
+    fn pong_echoes_t0_and_stamps_microseconds() {
+        let v: Value = serde_json::from_str(&pong(
+            17.25,
+            1_700_000_000_123_456_789,
+            1_700_000_000_124_000_000,
+        ))
+        .unwrap();
+        assert_eq!(v["event"], "pong");
+        assert_eq!(v["data"]["t0"], 17.25);
+        assert_eq!(v["data"]["t1"], 1_700_000_000_123.456);
+        assert_eq!(v["data"]["t2"], 1_700_000_000_124.0);
+    }
+
+    #[test]
+    fn timeline_and_transport_shapes() {
+        let transport_data =
+            TransportData::new(TransportState::Playing, 32, 1_700_000_000_500_000_000);
+        let t = TimelineData {
+            count: 16,
+            time_us: 1_700_000_000_000_000,
+            time: 1_700_000_000_000,
+            bpm: Bpm::whole(120),
+            ppqn: 4,
+            beats_per_bar: 4,
+            interval_us: 125_000.0,
+            transport: transport_data,
+        };
+        let v: Value = serde_json::from_str(&timeline(&t)).unwrap();
+        assert_eq!(v["event"], "timeline");
+        assert_eq!(v["data"]["count"], 16);
+        assert_eq!(v["data"]["bpm"], 120);
+        assert_eq!(v["data"]["interval_us"], 125_000.0);
+        assert_eq!(v["data"]["transport"]["state"], "playing");
+        assert_eq!(v["data"]["transport"]["time_us"], 1_700_000_000_500_000u64);
+        let v: Value = serde_json::from_str(&transport(&transport_data)).unwrap();
+        assert_eq!(v["event"], "transport");
+        assert_eq!(v["data"]["count"], 32);
+        assert_eq!(v["data"]["time"], 1_700_000_000_500u64);
+    }
+
+    #[test]
     fn refuses_every_kind_of_bad_message() {
         let cases = [
             ("{not json", "invalid_json"),
@@ -253,6 +426,17 @@ mod tests {
             (r#"{"event":"setBpm","data":"140"}"#, "invalid_bpm"),
             (r#"{"event":"setBpm"}"#, "invalid_bpm"),
             (r#"{"event":"setBpm","data":null}"#, "invalid_bpm"),
+            (r#"{"event":"ping"}"#, "invalid_ping"),
+            (r#"{"event":"ping","data":{"t0":"now"}}"#, "invalid_ping"),
+            (r#"{"event":"ping","data":5}"#, "invalid_ping"),
+            (
+                r#"{"event":"start","data":{"quantize":"bars"}}"#,
+                "invalid_quantize",
+            ),
+            (
+                r#"{"event":"start","data":{"quantize":4}}"#,
+                "invalid_quantize",
+            ),
         ];
         for (text, code) in cases {
             let err = decode(text).expect_err(text);

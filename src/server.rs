@@ -7,7 +7,13 @@
 //!
 //! Ticks come first. Whenever the timing ring has something, it is drained before the next
 //! connection event is handled, so a burst of client traffic delays a tick by at most one
-//! connection's work.
+//! connection's work. Clock-sync pings come a close second: a fan-out to many clients pauses
+//! every [`FANOUT_CHUNK`] connections to read what has arrived, so a ping is answered within a
+//! chunk's time rather than after the whole fan-out.
+//!
+//! The loop also keeps the tempo timeline (a copy of the timing thread's schedule, sent to
+//! clients as `timeline`) and the [`Transport`]: while stopped, ticks keep coming from the timing
+//! thread and are simply not sent.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,11 +34,14 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
 use crate::http::{self, Request, Route};
-use crate::protocol::{self, ClientError, ClientMessage, HelloData, SharedFrame, TickData};
+use crate::protocol::{
+    self, ClientError, ClientMessage, HelloData, SharedFrame, TickData, TimelineData, TransportData,
+};
 use crate::rt;
 use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
-use crate::tempo::Bpm;
+use crate::tempo::{Bpm, TickSchedule};
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
+use crate::transport::{self, Quantize, Transport, TransportState};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -45,8 +54,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Messages handled from one connection per readiness event before the loop moves on (and
 /// comes back after the next poll): one chatty client cannot hold everyone else.
 const MESSAGES_PER_EVENT: usize = 64;
-/// Tempo changes the server applies per second, from all clients together.
-const MAX_TEMPO_CHANGES_PER_SEC: u32 = 10;
+/// Tempo and transport changes the server applies per second, from all clients together.
+const MAX_CONTROL_CHANGES_PER_SEC: u32 = 10;
+/// How far ahead a `start` is scheduled at least, so that clients scheduling on the timeline
+/// (browsers typically look 100 ms ahead) hear of it before its first tick is due.
+const START_LEAD_NS: u64 = 150_000_000;
+/// Connections a fan-out writes to before it pauses to read what clients have sent.
+const FANOUT_CHUNK: usize = 256;
 /// How long past a tick's deadline the loop keeps busy-polling for it.
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
@@ -81,9 +95,25 @@ pub struct Server {
     bpm: Bpm,
     /// The tempo last asked of the timing thread (equal to `bpm` once it has applied it).
     requested_bpm: Bpm,
-    /// Tempo changes per second, server-wide: each one is a broadcast to every client.
-    tempo_changes: RateLimit,
+    /// Tempo and transport changes per second, server-wide: each is a broadcast to everyone.
+    control_changes: RateLimit,
+    /// The last tick the loop took from the timing thread (0 before the first).
     count: u64,
+    /// The next tick the loop will take: where a transport change can take effect.
+    next_count: u64,
+    /// The timing thread's current schedule, as last announced by it.
+    timeline: TickSchedule,
+    transport: Transport,
+    /// When the transport's current state began (ns since the clock's epoch): kept because
+    /// after a tempo change the new schedule no longer knows counts before its anchor.
+    transport_at_ns: u64,
+    /// The `timeline` frame every new client gets; rebuilt on every tempo or transport change.
+    timeline_frame: SharedFrame,
+    /// Set while a fan-out is under way: what would start another one waits in `deferred`.
+    in_fanout: bool,
+    deferred: Vec<SharedFrame>,
+    /// Events polled in the pauses of a fan-out.
+    fanout_events: Option<Events>,
     accept_paused_until: Option<Instant>,
     fd_limit_logged: bool,
     shutdown_by: Option<Instant>,
@@ -118,13 +148,22 @@ impl Server {
             prewake: cfg.prewake,
             spin: cfg.spin,
         };
-        let (timing, timing_events) =
+        let (timing, mut timing_events) =
             TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
                 .map_err(ServerError::Timing)?;
+        let timeline = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
         Ok(Server {
             bpm: cfg.bpm,
             requested_bpm: cfg.bpm,
-            tempo_changes: RateLimit::new(MAX_TEMPO_CHANGES_PER_SEC),
+            control_changes: RateLimit::new(MAX_CONTROL_CHANGES_PER_SEC),
+            next_count: 0,
+            timeline,
+            transport: Transport::playing(),
+            transport_at_ns: timeline.anchor_ns(),
+            timeline_frame: SharedFrame::from(&[][..]),
+            in_fanout: false,
+            deferred: Vec::new(),
+            fanout_events: Some(Events::with_capacity(256)),
             cfg,
             poll,
             listener: Some(listener),
@@ -143,6 +182,10 @@ impl Server {
             busy_poll_until: None,
             readable_again: Vec::new(),
             finished: Vec::new(),
+        })
+        .map(|mut server| {
+            server.timeline_frame = server.encode_timeline();
+            server
         })
     }
 
@@ -448,6 +491,8 @@ impl Server {
             time_us: self.clock.unix_now_ns() / 1_000,
             min_bpm: self.cfg.min_bpm,
             max_bpm: self.cfg.max_bpm,
+            beats_per_bar: self.cfg.beats_per_bar,
+            playing: self.transport.state() == TransportState::Playing,
             control: may_control,
             token_required: self.cfg.control_token.is_some(),
             version: env!("CARGO_PKG_VERSION"),
@@ -464,15 +509,17 @@ impl Server {
             self.cfg.max_message_bytes,
         );
         conn.send(&protocol::text_frame(&hello), self.cfg.max_queue);
+        conn.send(&self.timeline_frame, self.cfg.max_queue);
         debug!("ws open peer={}", conn.peer);
     }
 
     fn on_message(&mut self, key: usize, message: Message) {
+        // A ping's receive time: taken before anything else is done with the message.
+        let received_ns = self.clock.unix_now_ns();
         let may_control = self.conns.get(key).is_some_and(|c| c.may_control);
         let result = match message {
-            Message::Text(text) => {
-                protocol::decode(&text).and_then(|m| self.on_client_message(key, m, may_control))
-            }
+            Message::Text(text) => protocol::decode(&text)
+                .and_then(|m| self.on_client_message(key, m, may_control, received_ns)),
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
@@ -491,9 +538,30 @@ impl Server {
         key: usize,
         message: ClientMessage,
         may_control: bool,
+        received_ns: u64,
     ) -> Result<(), ClientError> {
         match message {
-            ClientMessage::SetBpm(_) if !may_control => Err(ClientError::Unauthorized),
+            ClientMessage::Ping(t0) => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    // Stamped as late as possible and written at once, not at the next
+                    // writable event: the client's offset estimate assumes t2 is the send.
+                    let pong = protocol::pong(t0, received_ns, self.clock.unix_now_ns());
+                    conn.send(&protocol::text_frame(&pong), self.cfg.max_queue);
+                    self.stats.messages_sent += conn.flush();
+                }
+                Ok(())
+            }
+            ClientMessage::SetBpm(_) | ClientMessage::Start(_) | ClientMessage::Stop
+                if !may_control =>
+            {
+                Err(ClientError::Unauthorized)
+            }
+            ClientMessage::Start(quantize) => {
+                self.change_transport(key, TransportState::Playing, quantize)
+            }
+            ClientMessage::Stop => {
+                self.change_transport(key, TransportState::Stopped, Quantize::None)
+            }
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
                 if bpm == self.requested_bpm {
@@ -506,7 +574,7 @@ impl Server {
                     return Ok(());
                 }
                 // Every change is a write to every client; cap them server-wide.
-                if self.tempo_changes.check(Instant::now()) != Rate::Allow {
+                if self.control_changes.check(Instant::now()) != Rate::Allow {
                     return Err(ClientError::Busy);
                 }
                 if !self.timing.send(TimingCommand::SetTempo(bpm)) {
@@ -518,8 +586,83 @@ impl Server {
         }
     }
 
+    /// Starts or stops the transport. A start falls on the first tick that is both quantised
+    /// and at least [`START_LEAD_NS`] away; a stop takes effect from the next tick.
+    fn change_transport(
+        &mut self,
+        key: usize,
+        state: TransportState,
+        quantize: Quantize,
+    ) -> Result<(), ClientError> {
+        let next = self.next_count;
+        let from = match state {
+            TransportState::Stopped => next,
+            TransportState::Playing => {
+                let earliest = self
+                    .timeline
+                    .first_count_at_or_after(self.clock.now_ns() + START_LEAD_NS);
+                let quantum = quantize.ticks(self.cfg.ppqn, self.cfg.beats_per_bar);
+                transport::start_count(next, earliest, quantum)
+            }
+        };
+        let mut changed = self.transport;
+        if !changed.change(state, from, next) {
+            // Already heading there: confirm to the sender only, as for a repeated setBpm.
+            let frame = protocol::text_frame(&protocol::transport(&self.transport_data()));
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.send(&frame, self.cfg.max_queue);
+            }
+            return Ok(());
+        }
+        if self.control_changes.check(Instant::now()) != Rate::Allow {
+            return Err(ClientError::Busy);
+        }
+        self.transport = changed;
+        self.transport_at_ns = self.timeline.deadline_ns(changed.from_count());
+        info!("transport {state} from tick {}", changed.from_count());
+        self.stats.transport_changes += 1;
+        let frame = protocol::text_frame(&protocol::transport(&self.transport_data()));
+        self.timeline_frame = self.encode_timeline();
+        let timeline = self.timeline_frame.clone();
+        self.broadcast(&frame);
+        self.broadcast(&timeline);
+        Ok(())
+    }
+
+    fn transport_data(&self) -> TransportData {
+        let from = self.transport.from_count();
+        // The current schedule knows counts from its anchor on; an older state began under an
+        // older schedule, whose instant was kept.
+        let at_ns = if from >= self.timeline.anchor_count() {
+            self.timeline.deadline_ns(from)
+        } else {
+            self.transport_at_ns
+        };
+        TransportData::new(self.transport.state(), from, self.clock.unix_ns(at_ns))
+    }
+
+    fn encode_timeline(&self) -> SharedFrame {
+        let s = self.timeline;
+        let anchor_unix_ns = self.clock.unix_ns(s.anchor_ns());
+        protocol::text_frame(&protocol::timeline(&TimelineData {
+            count: s.anchor_count(),
+            time_us: anchor_unix_ns / 1_000,
+            time: anchor_unix_ns / 1_000_000,
+            bpm: s.bpm(),
+            ppqn: s.ppqn(),
+            beats_per_bar: self.cfg.beats_per_bar,
+            interval_us: s.interval_ns() / 1_000.0,
+            transport: self.transport_data(),
+        }))
+    }
+
     /// Takes every event the timing thread has queued, in order.
     fn drain_timing(&mut self) {
+        // Inside a fan-out's pause: the next tick waits for this fan-out to finish, so that
+        // every client gets its frames in order.
+        if self.in_fanout {
+            return;
+        }
         while let Ok(event) = self.timing_events.pop() {
             match event {
                 TimingEvent::Tick(tick) => {
@@ -531,12 +674,19 @@ impl Server {
                     // change moves it later).
                     self.busy_poll_until = Some(self.clock.instant(deadline_ns) + BUSY_POLL_GRACE);
                 }
-                TimingEvent::Tempo { bpm, .. } => {
+                // Taken by `bind` before the loop runs; the thread sends it only once.
+                TimingEvent::Started(_) => {}
+                TimingEvent::Tempo(schedule) => {
+                    let bpm = schedule.bpm();
                     self.bpm = bpm;
+                    self.timeline = schedule;
+                    self.timeline_frame = self.encode_timeline();
                     self.stats.tempo_changes += 1;
-                    info!("tempo {bpm} BPM");
+                    info!("tempo {bpm} BPM from tick {}", schedule.anchor_count());
                     if self.shutdown_by.is_none() {
                         self.broadcast(&protocol::text_frame(&protocol::bpm_change(bpm)));
+                        let frame = self.timeline_frame.clone();
+                        self.broadcast(&frame);
                     }
                 }
             }
@@ -557,8 +707,9 @@ impl Server {
             .handoff
             .record(taken.saturating_sub(tick.emitted_ns));
         self.count = tick.count;
+        self.next_count = tick.count + 1;
         self.bpm = tick.bpm;
-        if self.shutdown_by.is_some() {
+        if self.shutdown_by.is_some() || !self.transport.plays(tick.count) {
             return;
         }
         let data = TickData::new(
@@ -576,10 +727,48 @@ impl Server {
 
     /// Queues `frame` on every open client and writes it out. Clients already `max_queue`
     /// frames behind are closed as slow consumers instead; they never hold up the rest.
+    ///
+    /// Every [`FANOUT_CHUNK`] clients it pauses to serve what has arrived (pings above all).
+    /// A broadcast asked for during a pause is queued and sent after this one, so frames
+    /// reach every client in order.
     fn broadcast(&mut self, frame: &SharedFrame) {
+        if self.in_fanout {
+            self.deferred.push(frame.clone());
+            return;
+        }
+        self.in_fanout = true;
+        self.fan_out(frame);
+        while !self.deferred.is_empty() {
+            for frame in std::mem::take(&mut self.deferred) {
+                self.fan_out(&frame);
+            }
+        }
+        self.in_fanout = false;
+    }
+
+    fn fan_out(&mut self, frame: &SharedFrame) {
         let now = Instant::now();
         let limit = self.cfg.max_queue;
-        for (key, conn) in self.conns.iter_mut() {
+        let mut written = 0;
+        // By index, not by iterator: the pauses may add and remove connections. A client that
+        // connects during a pause at a higher key gets this frame too, which is harmless.
+        let mut key = 0;
+        while key < self.conns.capacity() {
+            let Some(conn) = self.conns.get_mut(key) else {
+                key += 1;
+                continue;
+            };
+            key += 1;
+            if !conn.is_open() {
+                continue;
+            }
+            written += 1;
+            if written % FANOUT_CHUNK == 0 {
+                self.serve_pause();
+            }
+            let Some(conn) = self.conns.get_mut(key - 1) else {
+                continue;
+            };
             if !conn.is_open() {
                 continue;
             }
@@ -595,10 +784,38 @@ impl Server {
             self.stats.messages_sent += conn.flush();
             count_close(&mut self.stats, conn);
             if conn.is_done() {
-                self.finished.push(key);
+                self.finished.push(key - 1);
             }
         }
         self.remove_finished();
+    }
+
+    /// One pause in a fan-out: handles whatever the sockets have ready (clock-sync pings,
+    /// tempo requests, new connections), without waiting. Timing events stay queued.
+    fn serve_pause(&mut self) {
+        self.remove_finished();
+        let Some(mut events) = self.fanout_events.take() else {
+            return;
+        };
+        match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+            Ok(()) => {
+                for event in events.iter() {
+                    match event.token() {
+                        // The timing ring is drained after the fan-out.
+                        WAKER => {}
+                        LISTENER => self.accept(),
+                        SIGNALS => self.on_signal(),
+                        Token(key) => {
+                            let readable =
+                                event.is_readable() || event.is_read_closed() || event.is_error();
+                            self.drive(key, readable, event.is_writable());
+                        }
+                    }
+                }
+            }
+            Err(e) => debug!("poll during fan-out failed: {e}"),
+        }
+        self.fanout_events = Some(events);
     }
 
     fn remove_finished(&mut self) {
@@ -678,9 +895,29 @@ impl Server {
             ppqn: self.cfg.ppqn,
             clients: self.stats.clients,
             count: self.count,
+            transport: self.transport.state_at(self.next_count).label(),
+            transport_count: self.transport.from_count(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.dropped_ticks(),
             stats: &self.stats,
+        }
+    }
+}
+
+/// Waits for the timing thread's first event, the schedule tick 0 runs on, so that the very
+/// first client's timeline is already the real one.
+fn first_schedule(events: &mut TimingEvents) -> io::Result<TickSchedule> {
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        match events.pop() {
+            Ok(TimingEvent::Started(schedule)) => return Ok(schedule),
+            Ok(_) => {}
+            Err(_) if Instant::now() < give_up => std::thread::sleep(Duration::from_micros(100)),
+            Err(_) => {
+                return Err(io::Error::other(
+                    "the timing thread did not report its schedule within 5 s",
+                ));
+            }
         }
     }
 }

@@ -177,6 +177,7 @@ pub struct ServerStats {
     pub connections_accepted: u64,
     pub client_errors: u64,
     pub tempo_changes: u64,
+    pub transport_changes: u64,
     /// WebSocket clients connected now: counted up on upgrade and down in `count_close`, the
     /// one place a client stops being one.
     pub clients: usize,
@@ -242,6 +243,9 @@ pub struct Snapshot<'a> {
     pub ppqn: u32,
     pub clients: usize,
     pub count: u64,
+    /// The transport's state for the next tick, and the tick its latest change holds from.
+    pub transport: &'static str,
+    pub transport_count: u64,
     pub uptime_s: f64,
     /// Ticks the timing thread could not hand to a stalled loop.
     pub dropped_ticks: u64,
@@ -264,6 +268,7 @@ pub fn stats_json(s: &Snapshot) -> String {
         "ppqn": s.ppqn,
         "clients": s.clients,
         "count": s.count,
+        "transport": { "state": s.transport, "count": s.transport_count },
         "uptime_s": (s.uptime_s * 1000.0).round() / 1000.0,
         "ticks_emitted": st.ticks_emitted,
         "late_ticks": st.late_ticks,
@@ -386,6 +391,18 @@ pub fn metrics_text(s: &Snapshot) -> String {
         "Tempo changes applied.",
         st.tempo_changes.to_string(),
     );
+    simple(
+        "transport_changes_total",
+        "counter",
+        "Transport starts and stops applied.",
+        st.transport_changes.to_string(),
+    );
+    simple(
+        "playing",
+        "gauge",
+        "1 while the transport plays (ticks are sent), 0 while stopped.",
+        u8::from(s.transport == "playing").to_string(),
+    );
     summary(
         &mut out,
         "tick_lateness_seconds",
@@ -451,6 +468,8 @@ mod tests {
             ppqn: 4,
             clients: 3,
             count: 41,
+            transport: "playing",
+            transport_count: 0,
             uptime_s: 5.25,
             dropped_ticks: 0,
             stats,

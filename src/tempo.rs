@@ -144,6 +144,18 @@ impl TickSchedule {
         self.anchor_ns.saturating_add(self.span_ns(k))
     }
 
+    /// The first count, at or after the anchor, whose deadline is at or after `ns`.
+    ///
+    /// With `x = ns − anchor_ns`, `floor(k·S/d) ≥ x` holds exactly when `k ≥ x·d/S` (x is an
+    /// integer), so the answer is `anchor_count + ceil(x·d/S)`, in integers.
+    pub fn first_count_at_or_after(&self, ns: u64) -> u64 {
+        let x = u128::from(ns.saturating_sub(self.anchor_ns));
+        let divisor = u128::from(self.bpm.milli()) * u128::from(self.ppqn);
+        let k = (x * divisor).div_ceil(SCALED_NANOS_PER_MINUTE);
+        self.anchor_count
+            .saturating_add(u64::try_from(k).unwrap_or(u64::MAX))
+    }
+
     /// The schedule after a tempo change that takes effect from tick `from_count`.
     ///
     /// The change re-anchors at the last emitted tick, `last_emitted_ns` (the deadline of tick
@@ -279,6 +291,38 @@ mod tests {
         let b = a.retempo(11, Some(last), last + 2_000, Bpm::whole(200));
         assert_eq!(b.deadline_ns(11), last + 75_000_000);
         assert_eq!(b.bpm(), Bpm::whole(200));
+    }
+
+    #[test]
+    fn first_count_at_or_after_finds_the_boundary() {
+        let s = TickSchedule::new(Bpm::whole(120), 4, 1_000);
+        assert_eq!(s.first_count_at_or_after(0), 0);
+        assert_eq!(s.first_count_at_or_after(1_000), 0);
+        assert_eq!(s.first_count_at_or_after(1_001), 1);
+        assert_eq!(s.first_count_at_or_after(125_001_000), 1);
+        assert_eq!(s.first_count_at_or_after(125_001_001), 2);
+    }
+
+    proptest! {
+        /// The count found is the first at or after the instant: its deadline is not before
+        /// it, and its predecessor's (within the schedule) is.
+        #[test]
+        fn first_count_at_or_after_is_exact(
+            milli in 1_000u32..=1_000_000,
+            ppqn in 1u32..=960,
+            anchor_count in 0u64..1_000_000,
+            anchor_ns in 0u64..1_000_000_000_000,
+            offset in 0u64..100_000_000_000,
+        ) {
+            let mut s = TickSchedule::new(Bpm(milli), ppqn, anchor_ns);
+            s.anchor_count = anchor_count;
+            let at = anchor_ns + offset;
+            let n = s.first_count_at_or_after(at);
+            prop_assert!(s.deadline_ns(n) >= at);
+            if n > anchor_count {
+                prop_assert!(s.deadline_ns(n - 1) < at);
+            }
+        }
     }
 
     proptest! {

@@ -60,12 +60,10 @@ pub enum TimingEvent {
     Soon {
         deadline_ns: u64,
     },
-    /// A tempo change took effect: tick `from_count` is the first at `bpm`, due at `at_ns`.
-    Tempo {
-        bpm: Bpm,
-        from_count: u64,
-        at_ns: u64,
-    },
+    /// The schedule tick 0 runs on, once the thread is running: the loop's first timeline.
+    Started(TickSchedule),
+    /// A tempo change took effect: the new schedule's anchor is the first tick at its tempo.
+    Tempo(TickSchedule),
 }
 
 /// What the event loop asks of the timing thread.
@@ -135,6 +133,7 @@ impl TimingThread {
                 // Tick 0 is due 1 ms from now: counted from here, thread start-up and the
                 // priority change cannot make it late.
                 ticker.schedule = TickSchedule::new(bpm, ppqn, ticker.clock.now_ns() + 1_000_000);
+                ticker.emit(TimingEvent::Started(ticker.schedule));
                 ticker.run();
             })?;
         Ok((
@@ -271,11 +270,7 @@ impl Ticker {
                             self.schedule
                                 .retempo(self.next, self.last_deadline, now, bpm);
                     }
-                    self.emit(TimingEvent::Tempo {
-                        bpm,
-                        from_count: self.schedule.anchor_count(),
-                        at_ns: self.schedule.anchor_ns(),
-                    });
+                    self.emit(TimingEvent::Tempo(self.schedule));
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! Arbitrary text as a client's WebSocket message: decoding, the range check and the error
-//! reply must never panic, and every error must encode to JSON with its code.
+//! Arbitrary text as a client's WebSocket message: decoding, the range check, the pong and the
+//! error reply must never panic, and every error must encode to JSON with its code.
 #![no_main]
 
 use conductor::protocol;
@@ -14,6 +14,16 @@ fuzz_target!(|data: &[u8]| {
         protocol::ClientMessage::SetBpm(v) => {
             protocol::check_bpm(v, Bpm::whole(60), Bpm::whole(200)).map(|_| ())
         }
+        protocol::ClientMessage::Ping(t0) => {
+            // Whatever number came in must echo back as valid JSON.
+            let reply = protocol::pong(t0, 1, 2);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&reply).is_ok(),
+                "{reply}"
+            );
+            Ok(())
+        }
+        protocol::ClientMessage::Start(_) | protocol::ClientMessage::Stop => Ok(()),
     });
     if let Err(err) = result {
         let reply = protocol::error(&err);
