@@ -13,6 +13,8 @@ pub struct Asset {
 }
 
 const HTML: &str = "text/html; charset=utf-8";
+/// Browsers refuse to run an ES module served under any other type.
+const JS: &str = "text/javascript; charset=utf-8";
 
 static ASSETS: &[Asset] = &[
     Asset {
@@ -25,9 +27,71 @@ static ASSETS: &[Asset] = &[
         content_type: HTML,
         body: include_bytes!("../www/index.html"),
     },
+    Asset {
+        path: "/drums.html",
+        content_type: HTML,
+        body: include_bytes!("../www/drums.html"),
+    },
+    Asset {
+        path: "/conductor.js",
+        content_type: JS,
+        body: include_bytes!("../www/conductor.js"),
+    },
 ];
 
 /// The asset served at exactly `path`.
 pub fn find(path: &str) -> Option<&'static Asset> {
     ASSETS.iter().find(|a| a.path == path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(path: &str) -> &'static str {
+        std::str::from_utf8(find(path).expect(path).body).expect("UTF-8")
+    }
+
+    #[test]
+    fn every_page_and_the_library_are_served() {
+        assert_eq!(find("/").unwrap().body, find("/index.html").unwrap().body);
+        assert_eq!(find("/drums.html").unwrap().content_type, HTML);
+        assert_eq!(
+            find("/conductor.js").unwrap().content_type,
+            "text/javascript; charset=utf-8"
+        );
+    }
+
+    #[test]
+    fn paths_match_exactly() {
+        for path in [
+            "",
+            "/drums",
+            "/DRUMS.HTML",
+            "/conductor.js/",
+            "/www/conductor.js",
+            "/index.html?x",
+        ] {
+            assert!(find(path).is_none(), "{path}");
+        }
+    }
+
+    #[test]
+    fn pages_load_only_what_is_embedded() {
+        // The pages must work offline and in a closed network: no CDN, no remote script.
+        for path in ["/", "/drums.html"] {
+            let page = text(path);
+            assert!(page.contains("from \"./conductor.js\""), "{path}");
+            assert!(
+                !page.contains("http://") && !page.contains("https://"),
+                "{path}"
+            );
+        }
+        assert!(text("/").contains("id=\"bpm\""));
+    }
+
+    #[test]
+    fn the_library_is_an_es_module_exporting_conductor() {
+        assert!(text("/conductor.js").contains("export class Conductor"));
+    }
 }
