@@ -62,6 +62,11 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_CLIENTS", default_value_t = 100_000)]
     pub max_clients: usize,
 
+    /// Most Socket.IO long-polling sessions at once; further handshakes get 503. Each one
+    /// holds a request open, so they cost more than WebSocket clients.
+    #[arg(long, env = "CONDUCTOR_MAX_POLLING_SESSIONS", default_value_t = 1000)]
+    pub max_polling_sessions: usize,
+
     /// Only connections presenting this token (?token= or Authorization: Bearer) may change
     /// the tempo; everyone else still receives ticks.
     #[arg(long, env = "CONDUCTOR_CONTROL_TOKEN", hide_env_values = true)]
@@ -121,6 +126,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_messages_per_sec: u32,
     pub max_clients: usize,
+    pub max_polling_sessions: usize,
     pub control_token: Option<String>,
     /// Lower-cased, without a trailing slash.
     pub allowed_origins: Vec<String>,
@@ -156,6 +162,8 @@ pub enum ConfigError {
     BadMessageRate(u32),
     #[error("--max-clients {0} is out of range; use 1 to 10000000")]
     BadMaxClients(usize),
+    #[error("--max-polling-sessions {0} is out of range; use 0 (no long-polling) to 100000")]
+    BadMaxPollingSessions(usize),
     #[error("--control-token must be 1 to 256 visible ASCII characters")]
     BadToken,
     #[error(
@@ -227,6 +235,9 @@ impl Cli {
         if !(1..=10_000_000).contains(&self.max_clients) {
             return Err(ConfigError::BadMaxClients(self.max_clients));
         }
+        if self.max_polling_sessions > 100_000 {
+            return Err(ConfigError::BadMaxPollingSessions(self.max_polling_sessions));
+        }
         if let Some(token) = &self.control_token
             && (token.is_empty()
                 || token.len() > 256
@@ -263,6 +274,7 @@ impl Cli {
             max_message_bytes: self.max_message_bytes,
             max_messages_per_sec: self.max_messages_per_sec,
             max_clients: self.max_clients,
+            max_polling_sessions: self.max_polling_sessions,
             control_token: self.control_token.clone(),
             allowed_origins,
             ping_interval: Duration::from_secs(self.ping_interval),

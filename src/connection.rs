@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   Http ──upgrade──▶ Open ──close──▶ Closing ──EOF/deadline──▶ Done
-//!     └────────response────────────────▲
+//!     ├────────response────────────────▲
+//!     └──park──▶ Parked ──response─────┘      (a Socket.IO long-poll GET waiting for packets)
 //! ```
 //!
 //! The connection reads and writes its own socket, and knows the WebSocket protocol through
@@ -30,7 +31,7 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 
 use crate::http::{self, HttpError, Request};
 use crate::protocol::SharedFrame;
-use crate::stats::CloseReason;
+use crate::stats::{ClientKind, CloseReason};
 
 /// How long a closing connection may take to flush and say goodbye.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -219,6 +220,9 @@ pub enum State {
     Http { head: Vec<u8> },
     /// A WebSocket client: ticks flow.
     Open { ws: Box<WebSocketContext> },
+    /// A long-poll GET held until its session has packets (the loop answers it with
+    /// `respond`), or until `until`, a backstop the session's heartbeat never lets pass.
+    Parked { until: Instant },
     /// Flushing what is queued, then half-closing and waiting for the peer's EOF.
     Closing { until: Instant, write_shut: bool },
     /// Finished; the loop drops it.
@@ -267,6 +271,27 @@ pub struct Connection {
     last_heard: Instant,
     /// When the server pinged it and is still waiting for an answer.
     ping_sent: Option<Instant>,
+    /// Set for a Socket.IO socket (`/socket.io/?transport=websocket`).
+    pub sio: Option<SioLink>,
+    /// What this connection counts as in the stats, once it counts as a client at all.
+    pub counted: Option<ClientKind>,
+    /// For a parked long-poll GET: the polling session it waits for.
+    pub parked_for: Option<usize>,
+}
+
+/// A WebSocket connection that speaks Engine.IO / Socket.IO rather than `/ws`'s protocol.
+#[derive(Clone, Debug)]
+pub struct SioLink {
+    /// The Engine.IO session id.
+    pub sid: String,
+    /// Connected to the default namespace (`40`): only then does it get events.
+    pub joined: bool,
+    /// While upgrading from long-polling: the polling session (the loop's key for it) whose
+    /// place this socket takes once the client sends `5`.
+    pub upgrading_from: Option<usize>,
+    /// When the server's Engine.IO ping (`2`) went out, until the client's `3`.
+    pub ping_sent: Option<Instant>,
+    pub last_ping: Instant,
 }
 
 /// What a silent client is due.
@@ -307,6 +332,9 @@ impl Connection {
             may_control: false,
             last_heard: now,
             ping_sent: None,
+            sio: None,
+            counted: None,
+            parked_for: None,
         }
     }
 
@@ -320,6 +348,12 @@ impl Connection {
 
     pub fn is_open(&self) -> bool {
         matches!(self.state, State::Open { .. })
+    }
+
+    /// Whether broadcasts reach this connection: an open `/ws` client, or a Socket.IO socket
+    /// connected to the namespace (not one still probing an upgrade).
+    pub fn takes_broadcasts(&self) -> bool {
+        self.is_open() && self.sio.as_ref().is_none_or(|l| l.joined)
     }
 
     pub fn is_done(&self) -> bool {
@@ -344,7 +378,7 @@ impl Connection {
         self.state = next;
     }
 
-    /// Reads until the request head is complete or the socket is drained.
+    /// Reads until the request head (and a POST's body) is complete or the socket is drained.
     pub fn read_head(&mut self) -> HeadRead {
         let State::Http { head } = &mut self.state else {
             return HeadRead::Pending;
@@ -352,7 +386,14 @@ impl Connection {
         let mut buf = [0u8; 2048];
         loop {
             match http::parse_request(head) {
-                Ok(Some(req)) => return HeadRead::Request(req),
+                Ok(Some(mut req)) => match http::body_length(&req) {
+                    Err(e) => return HeadRead::Invalid(e),
+                    Ok(length) if head.len() >= req.head_len + length => {
+                        req.body = head[req.head_len..req.head_len + length].to_vec();
+                        return HeadRead::Request(req);
+                    }
+                    Ok(_) => {}
+                },
                 Ok(None) => {}
                 Err(e) => return HeadRead::Invalid(e),
             }
@@ -366,8 +407,15 @@ impl Connection {
         }
     }
 
+    /// Holds a long-poll GET open until the loop answers it with [`Self::respond`].
+    pub fn park(&mut self, session: usize, until: Instant) {
+        self.parked_for = Some(session);
+        self.state = State::Parked { until };
+    }
+
     /// Queues a plain HTTP response and starts closing.
     pub fn respond(&mut self, response: Vec<u8>, now: Instant) {
+        self.parked_for = None;
         self.out.push_uncounted(response.into());
         self.state = closing(now);
     }
@@ -491,6 +539,39 @@ impl Connection {
         }
     }
 
+    /// The Engine.IO heartbeat for a Socket.IO socket: a `2` every `interval`, and a close when
+    /// the `3` has not come back within `timeout`. Stock clients give up on a server whose
+    /// pings stop, so these are not optional.
+    pub fn eio_heartbeat(
+        &mut self,
+        now: Instant,
+        interval: Duration,
+        timeout: Duration,
+        ping: &SharedFrame,
+    ) {
+        if !self.is_open() {
+            return;
+        }
+        let Some(link) = &mut self.sio else {
+            return;
+        };
+        match link.ping_sent {
+            Some(sent) if now.duration_since(sent) >= timeout => self.close_ws(
+                CloseCode::Away,
+                "ping timeout",
+                CloseReason::PingTimeout,
+                now,
+            ),
+            Some(_) => {}
+            None if now.duration_since(link.last_ping) >= interval => {
+                link.ping_sent = Some(now);
+                link.last_ping = now;
+                self.out.push_uncounted(Arc::clone(ping));
+            }
+            None => {}
+        }
+    }
+
     /// Sends a close frame with `code` and starts closing. For a slow consumer the backlog is
     /// dropped first, so the close frame is next on the wire rather than behind it.
     pub fn close_ws(&mut self, code: CloseCode, text: &str, why: CloseReason, now: Instant) {
@@ -552,8 +633,11 @@ impl Connection {
     /// In `Closing`, reads and discards input until EOF. Returns true when it stopped only
     /// because of its per-call budget: the caller must come back, as no new readiness event
     /// will say so.
+    ///
+    /// A parked long-poll reads the same way: a client sends nothing more on a GET, so input
+    /// is discarded and EOF means it gave up waiting.
     pub fn drain_input(&mut self) -> bool {
-        if !matches!(self.state, State::Closing { .. }) {
+        if !matches!(self.state, State::Closing { .. } | State::Parked { .. }) {
             return false;
         }
         let mut buf = [0u8; 4096];
@@ -572,7 +656,8 @@ impl Connection {
             }
         }
         // EOF (or a dead socket): once our side is flushed there is nothing left to do.
-        if self.out.is_empty() {
+        // (A parked poll has nothing queued: its answer would have moved it to `Closing`.)
+        if self.out.is_empty() || matches!(self.state, State::Parked { .. }) {
             self.state = State::Done;
         } else if let State::Closing { until, .. } = &mut self.state {
             // The peer is gone for reading; give the flush a moment, no more.
@@ -589,7 +674,7 @@ impl Connection {
                 self.state = State::Done;
                 true
             }
-            State::Closing { until, .. } if now >= *until => {
+            State::Closing { until, .. } | State::Parked { until } if now >= *until => {
                 self.state = State::Done;
                 false
             }

@@ -13,6 +13,8 @@ use crate::assets::{self, Asset};
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// The most header lines accepted; more gets 431.
 pub const MAX_HEADERS: usize = 64;
+/// The largest request body accepted (Socket.IO long-polling POSTs; nothing else has one).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The parts of a request head that conductor looks at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,8 +27,10 @@ pub struct Request {
     /// Header names lower-cased, in order.
     pub headers: Vec<(String, String)>,
     /// Bytes the head took, including the blank line: what follows belongs to the next
-    /// protocol (WebSocket frames, after an upgrade).
+    /// protocol (WebSocket frames, after an upgrade), or is the body.
     pub head_len: usize,
+    /// The body, for a POST; filled in once [`body_length`] bytes have arrived.
+    pub body: Vec<u8>,
 }
 
 impl Request {
@@ -57,6 +61,10 @@ pub enum HttpError {
     TooManyHeaders,
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    #[error("a POST needs a Content-Length (chunked bodies are not accepted)")]
+    LengthRequired,
+    #[error("request body larger than {MAX_BODY_BYTES} bytes")]
+    BodyTooLarge,
 }
 
 impl HttpError {
@@ -64,8 +72,30 @@ impl HttpError {
         match self {
             HttpError::HeadTooLarge | HttpError::TooManyHeaders => 431,
             HttpError::Malformed(_) => 400,
+            HttpError::LengthRequired => 411,
+            HttpError::BodyTooLarge => 413,
         }
     }
+}
+
+/// How many body bytes follow `req`'s head: its Content-Length for a POST, bounded by
+/// [`MAX_BODY_BYTES`]; nothing for other methods (their bodies, if any, are not read).
+pub fn body_length(req: &Request) -> Result<usize, HttpError> {
+    if req.method != "POST" {
+        return Ok(0);
+    }
+    if req.header("transfer-encoding").is_some() {
+        return Err(HttpError::LengthRequired);
+    }
+    let length = req
+        .header("content-length")
+        .ok_or(HttpError::LengthRequired)?
+        .parse::<usize>()
+        .map_err(|_| HttpError::Malformed("Content-Length is not a number"))?;
+    if length > MAX_BODY_BYTES {
+        return Err(HttpError::BodyTooLarge);
+    }
+    Ok(length)
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means "not complete yet".
@@ -104,6 +134,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
         query: query.to_string(),
         headers,
         head_len,
+        body: Vec::new(),
     }))
 }
 
@@ -127,6 +158,8 @@ pub enum Route {
     Stats,
     Metrics,
     WebSocket,
+    /// Engine.IO / Socket.IO, both transports (GET, POST, and OPTIONS for CORS preflight).
+    SocketIo,
     NotFound,
     MethodNotAllowed,
 }
@@ -134,6 +167,12 @@ pub enum Route {
 /// The routing table. Paths are matched exactly against the embedded assets, so no path,
 /// however encoded, can reach the filesystem.
 pub fn route(method: &str, path: &str) -> Route {
+    if path == "/socket.io/" || path == "/socket.io" {
+        return match method {
+            "GET" | "POST" | "OPTIONS" => Route::SocketIo,
+            _ => Route::MethodNotAllowed,
+        };
+    }
     if method != "GET" {
         return Route::MethodNotAllowed;
     }
@@ -189,6 +228,36 @@ pub fn origin_allowed(req: &Request, allowed: &[String]) -> bool {
             allowed.contains(&origin)
         }
     }
+}
+
+/// The response headers that let the page at the request's `Origin` read a cross-origin
+/// long-polling response, or `None` when that origin is not allowed. A request without
+/// `Origin` needs none.
+pub fn cors_headers(req: &Request, allowed: &[String]) -> Option<Vec<String>> {
+    let Some(origin) = req.header("origin") else {
+        return Some(Vec::new());
+    };
+    if !origin_allowed(req, allowed) {
+        return None;
+    }
+    // The origin is echoed, not `*`: stock clients send credentials (cookies) with polls.
+    let origin: String = origin.chars().filter(|c| !c.is_control()).collect();
+    Some(vec![
+        format!("Access-Control-Allow-Origin: {origin}"),
+        "Access-Control-Allow-Credentials: true".into(),
+        "Vary: Origin".into(),
+    ])
+}
+
+/// The answer to a CORS preflight for an allowed origin.
+pub fn preflight(cors: &[String]) -> Vec<u8> {
+    let mut extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+    extra.extend([
+        "Access-Control-Allow-Methods: GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers: content-type, authorization",
+        "Access-Control-Max-Age: 86400",
+    ]);
+    response_with(204, "text/plain; charset=utf-8", &extra, b"")
 }
 
 /// The control token a request presents: `?token=` in the URL (browsers cannot set headers
@@ -263,11 +332,14 @@ fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -368,6 +440,54 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn socket_io_routes_take_get_post_and_preflight() {
+        for method in ["GET", "POST", "OPTIONS"] {
+            assert_eq!(route(method, "/socket.io/"), Route::SocketIo);
+        }
+        assert_eq!(route("GET", "/socket.io"), Route::SocketIo);
+        assert_eq!(route("PUT", "/socket.io/"), Route::MethodNotAllowed);
+        assert_eq!(route("POST", "/ws"), Route::MethodNotAllowed);
+    }
+
+    #[test]
+    fn post_bodies_need_a_bounded_length() {
+        let post = |extra: &str| parse(&format!("POST /socket.io/ HTTP/1.1\r\n{extra}\r\n"));
+        assert_eq!(body_length(&post("Content-Length: 12\r\n")), Ok(12));
+        assert_eq!(body_length(&post("")), Err(HttpError::LengthRequired));
+        assert_eq!(
+            body_length(&post("Transfer-Encoding: chunked\r\n")),
+            Err(HttpError::LengthRequired)
+        );
+        assert_eq!(
+            body_length(&post("Content-Length: 99999999\r\n")),
+            Err(HttpError::BodyTooLarge)
+        );
+        assert_eq!(
+            body_length(&post("Content-Length: 1e3\r\n")).map_err(|e| e.status()),
+            Err(400)
+        );
+        assert_eq!(body_length(&parse("GET / HTTP/1.1\r\n\r\n")), Ok(0));
+    }
+
+    #[test]
+    fn cors_echoes_only_allowed_origins() {
+        let req = parse("GET /socket.io/ HTTP/1.1\r\nOrigin: https://band.example\r\n\r\n");
+        let open = cors_headers(&req, &[]).unwrap();
+        assert!(open.contains(&"Access-Control-Allow-Origin: https://band.example".to_string()));
+        let listed = vec!["https://band.example".to_string()];
+        assert!(cors_headers(&req, &listed).is_some());
+        assert_eq!(
+            cors_headers(&req, &["https://other.example".to_string()]),
+            None
+        );
+        let no_origin = parse("GET /socket.io/ HTTP/1.1\r\n\r\n");
+        assert_eq!(cors_headers(&no_origin, &listed), Some(Vec::new()));
+        let pre = String::from_utf8(preflight(&open)).unwrap();
+        assert!(pre.starts_with("HTTP/1.1 204"));
+        assert!(pre.contains("Access-Control-Allow-Methods: GET, POST, OPTIONS"));
     }
 
     #[test]

@@ -32,15 +32,32 @@ pub fn text_frame(payload: &str) -> SharedFrame {
     bytes.into()
 }
 
-#[derive(Serialize)]
-struct Envelope<'a, T: Serialize> {
-    event: &'a str,
-    data: T,
+/// A server event, its data already JSON: encoded once, then framed once per protocol that
+/// needs it (this module's envelope for `/ws`, `42[...]` for Socket.IO).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub name: &'static str,
+    pub data: String,
 }
 
-fn envelope<T: Serialize>(event: &str, data: T) -> String {
+impl Outgoing {
+    /// `{"event":NAME,"data":DATA}`, as `/ws` clients get it.
+    pub fn json(&self) -> String {
+        format!(r#"{{"event":"{}","data":{}}}"#, self.name, self.data)
+    }
+
+    /// The `/ws` frame.
+    pub fn frame(&self) -> SharedFrame {
+        text_frame(&self.json())
+    }
+}
+
+fn envelope<T: Serialize>(name: &'static str, data: T) -> Outgoing {
     // Serialising these plain structs cannot fail (no maps with non-string keys, no I/O).
-    serde_json::to_string(&Envelope { event, data }).unwrap_or_default()
+    Outgoing {
+        name,
+        data: serde_json::to_string(&data).unwrap_or_else(|_| "null".into()),
+    }
 }
 
 /// The fields of a `tick`. The first three are the seed's, in the seed's order.
@@ -67,12 +84,12 @@ impl TickData {
     }
 }
 
-pub fn tick(data: &TickData) -> String {
+pub fn tick(data: &TickData) -> Outgoing {
     envelope("tick", data)
 }
 
 /// `{"event":"bpmChange","data":140}`: the seed's shape, data the bare number.
-pub fn bpm_change(bpm: Bpm) -> String {
+pub fn bpm_change(bpm: Bpm) -> Outgoing {
     envelope("bpmChange", bpm)
 }
 
@@ -98,7 +115,7 @@ pub struct HelloData {
     pub version: &'static str,
 }
 
-pub fn hello(data: &HelloData) -> String {
+pub fn hello(data: &HelloData) -> Outgoing {
     envelope("hello", data)
 }
 
@@ -117,7 +134,7 @@ struct PongData {
 
 /// The answer to a clock-sync ping: the client's `t0` back, with the server's receive (`t1`)
 /// and send (`t2`) times, so the client can apply NTP's offset and delay formulas.
-pub fn pong(t0: f64, received_unix_ns: u64, sent_unix_ns: u64) -> String {
+pub fn pong(t0: f64, received_unix_ns: u64, sent_unix_ns: u64) -> Outgoing {
     envelope(
         "pong",
         PongData {
@@ -150,7 +167,7 @@ impl TransportData {
     }
 }
 
-pub fn transport(data: &TransportData) -> String {
+pub fn transport(data: &TransportData) -> Outgoing {
     envelope("transport", data)
 }
 
@@ -172,7 +189,7 @@ pub struct TimelineData {
     pub transport: TransportData,
 }
 
-pub fn timeline(data: &TimelineData) -> String {
+pub fn timeline(data: &TimelineData) -> Outgoing {
     envelope("timeline", data)
 }
 
@@ -183,7 +200,7 @@ struct ErrorData<'a> {
 }
 
 /// `{"event":"error","data":{"code":...,"message":...}}`.
-pub fn error(err: &ClientError) -> String {
+pub fn error(err: &ClientError) -> Outgoing {
     envelope(
         "error",
         ErrorData {
@@ -224,6 +241,8 @@ pub enum ClientError {
     BadPing,
     #[error("start's quantize must be \"bar\", \"beat\" or \"none\"")]
     BadQuantize,
+    #[error("malformed Socket.IO packet: {0}")]
+    BadPacket(String),
     #[error("binary frames are not part of this protocol; send JSON text frames")]
     Binary,
     #[error("tempo changes are coming faster than the server applies them; try again shortly")]
@@ -247,6 +266,7 @@ impl ClientError {
             ClientError::OutOfRange { .. } => "bpm_out_of_range",
             ClientError::BadPing => "invalid_ping",
             ClientError::BadQuantize => "invalid_quantize",
+            ClientError::BadPacket(_) => "invalid_packet",
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
             ClientError::RateLimited(_) => "rate_limited",
@@ -265,20 +285,22 @@ pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
     let Some(Value::String(event)) = fields.remove("event") else {
         return Err(ClientError::NotAnEvent);
     };
-    match event.as_str() {
-        "setBpm" => match fields.get("data").and_then(Value::as_f64) {
+    decode_event(&event, fields.get("data"))
+}
+
+/// Interprets an event by name and data, however it arrived (`/ws` envelope or Socket.IO
+/// `42["name",data]`): the same rules for both protocols.
+pub fn decode_event(event: &str, data: Option<&Value>) -> Result<ClientMessage, ClientError> {
+    match event {
+        "setBpm" => match data.and_then(Value::as_f64) {
             Some(bpm) => Ok(ClientMessage::SetBpm(bpm)),
             None => Err(ClientError::NotANumber),
         },
-        "ping" => match fields
-            .get("data")
-            .and_then(|d| d.get("t0"))
-            .and_then(Value::as_f64)
-        {
+        "ping" => match data.and_then(|d| d.get("t0")).and_then(Value::as_f64) {
             Some(t0) => Ok(ClientMessage::Ping(t0)),
             None => Err(ClientError::BadPing),
         },
-        "start" => match fields.get("data") {
+        "start" => match data {
             None | Some(Value::Null) => Ok(ClientMessage::Start(Quantize::Bar)),
             Some(data) => match data.get("quantize") {
                 None | Some(Value::Null) => Ok(ClientMessage::Start(Quantize::Bar)),
@@ -289,7 +311,7 @@ pub fn decode(text: &str) -> Result<ClientMessage, ClientError> {
             },
         },
         "stop" => Ok(ClientMessage::Stop),
-        _ => Err(ClientError::UnknownEvent(clip(&event, 40))),
+        _ => Err(ClientError::UnknownEvent(clip(event, 40))),
     }
 }
 
@@ -315,7 +337,7 @@ mod tests {
     fn tick_has_the_seed_shape_first() {
         let data = TickData::new(1_640_995_200_000_123_456, Bpm::whole(120), 1234, 4);
         assert_eq!(
-            tick(&data),
+            tick(&data).json(),
             r#"{"event":"tick","data":{"time":1640995200000,"bpm":120,"count":1234,"time_us":1640995200000123,"ppqn":4}}"#
         );
     }
@@ -323,18 +345,18 @@ mod tests {
     #[test]
     fn bpm_change_data_is_the_bare_number() {
         assert_eq!(
-            bpm_change(Bpm::whole(140)),
+            bpm_change(Bpm::whole(140)).json(),
             r#"{"event":"bpmChange","data":140}"#
         );
         assert_eq!(
-            bpm_change(Bpm::from_f64(92.5).unwrap()),
+            bpm_change(Bpm::from_f64(92.5).unwrap()).json(),
             r#"{"event":"bpmChange","data":92.5}"#
         );
     }
 
     #[test]
     fn error_carries_code_and_message() {
-        let v: Value = serde_json::from_str(&error(&ClientError::NotANumber)).unwrap();
+        let v: Value = serde_json::from_str(&error(&ClientError::NotANumber).json()).unwrap();
         assert_eq!(v["event"], "error");
         assert_eq!(v["data"]["code"], "invalid_bpm");
         assert!(v["data"]["message"].as_str().unwrap().contains("setBpm"));
@@ -375,11 +397,9 @@ mod tests {
 
     #[test]
     fn pong_echoes_t0_and_stamps_microseconds() {
-        let v: Value = serde_json::from_str(&pong(
-            17.25,
-            1_700_000_000_123_456_789,
-            1_700_000_000_124_000_000,
-        ))
+        let v: Value = serde_json::from_str(
+            &pong(17.25, 1_700_000_000_123_456_789, 1_700_000_000_124_000_000).json(),
+        )
         .unwrap();
         assert_eq!(v["event"], "pong");
         assert_eq!(v["data"]["t0"], 17.25);
@@ -401,14 +421,14 @@ mod tests {
             interval_us: 125_000.0,
             transport: transport_data,
         };
-        let v: Value = serde_json::from_str(&timeline(&t)).unwrap();
+        let v: Value = serde_json::from_str(&timeline(&t).json()).unwrap();
         assert_eq!(v["event"], "timeline");
         assert_eq!(v["data"]["count"], 16);
         assert_eq!(v["data"]["bpm"], 120);
         assert_eq!(v["data"]["interval_us"], 125_000.0);
         assert_eq!(v["data"]["transport"]["state"], "playing");
         assert_eq!(v["data"]["transport"]["time_us"], 1_700_000_000_500_000u64);
-        let v: Value = serde_json::from_str(&transport(&transport_data)).unwrap();
+        let v: Value = serde_json::from_str(&transport(&transport_data).json()).unwrap();
         assert_eq!(v["event"], "transport");
         assert_eq!(v["data"]["count"], 32);
         assert_eq!(v["data"]["time"], 1_700_000_000_500u64);

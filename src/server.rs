@@ -11,10 +11,16 @@
 //! every [`FANOUT_CHUNK`] connections to read what has arrived, so a ping is answered within a
 //! chunk's time rather than after the whole fan-out.
 //!
+//! Socket.IO clients (the predecessor's) are served by the same loop and the same fan-out: a
+//! Socket.IO WebSocket is a [`Connection`] with a [`SioLink`], a long-polling client is a
+//! [`PollSession`] whose parked GET is answered when packets arrive. Each broadcast is encoded
+//! once per protocol, never once per client.
+//!
 //! The loop also keeps the tempo timeline (a copy of the timing thread's schedule, sent to
 //! clients as `timeline`) and the [`Transport`]: while stopped, ticks keep coming from the timing
 //! thread and are simply not sent.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,13 +38,16 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
+use crate::connection::{Connection, HeadRead, Rate, RateLimit, SioLink, State, WsRead};
+use crate::engineio::{self, EioError, Packet, SioPacket, Transport as EioTransport};
 use crate::http::{self, Request, Route};
 use crate::protocol::{
-    self, ClientError, ClientMessage, HelloData, SharedFrame, TickData, TimelineData, TransportData,
+    self, ClientError, ClientMessage, HelloData, Outgoing, SharedFrame, TickData, TimelineData,
+    TransportData,
 };
 use crate::rt;
-use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
+use crate::session::{Health, PollSession};
+use crate::stats::{self, ClientKind, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::{Bpm, TickSchedule};
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
 use crate::transport::{self, Quantize, Transport, TransportState};
@@ -61,6 +70,25 @@ const MAX_CONTROL_CHANGES_PER_SEC: u32 = 10;
 const START_LEAD_NS: u64 = 150_000_000;
 /// Connections a fan-out writes to before it pauses to read what clients have sent.
 const FANOUT_CHUNK: usize = 256;
+/// The largest long-polling payload the server sends or accepts (Engine.IO's `maxPayload`).
+const EIO_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Where a client message came from, and so where its replies go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// A WebSocket connection (`/ws`, or Socket.IO over WebSocket), by slab key.
+    Conn(usize),
+    /// A Socket.IO long-polling session, by slab key.
+    Session(usize),
+}
+
+/// A broadcast, encoded once per protocol.
+struct Encoded {
+    plain: SharedFrame,
+    /// `42[...]` as a WebSocket frame and as a polling packet, when any Socket.IO client is
+    /// connected.
+    sio: Option<(SharedFrame, Arc<str>)>,
+}
 /// How long past a tick's deadline the loop keeps busy-polling for it.
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
@@ -102,16 +130,22 @@ pub struct Server {
     /// The next tick the loop will take: where a transport change can take effect.
     next_count: u64,
     /// The timing thread's current schedule, as last announced by it.
-    timeline: TickSchedule,
+    schedule: TickSchedule,
     transport: Transport,
     /// When the transport's current state began (ns since the clock's epoch): kept because
     /// after a tempo change the new schedule no longer knows counts before its anchor.
     transport_at_ns: u64,
-    /// The `timeline` frame every new client gets; rebuilt on every tempo or transport change.
+    /// The `timeline` every new client gets; rebuilt on every tempo or transport change.
+    timeline: Outgoing,
     timeline_frame: SharedFrame,
     /// Set while a fan-out is under way: what would start another one waits in `deferred`.
     in_fanout: bool,
-    deferred: Vec<SharedFrame>,
+    deferred: Vec<Outgoing>,
+    /// Socket.IO long-polling sessions, and their ids.
+    sessions: Slab<PollSession>,
+    session_ids: HashMap<String, usize>,
+    /// Engine.IO's ping packet, as a frame.
+    eio_ping: SharedFrame,
     /// Events polled in the pauses of a fan-out.
     fanout_events: Option<Events>,
     accept_paused_until: Option<Instant>,
@@ -151,18 +185,25 @@ impl Server {
         let (timing, mut timing_events) =
             TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
                 .map_err(ServerError::Timing)?;
-        let timeline = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
+        let schedule = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
         Ok(Server {
             bpm: cfg.bpm,
             requested_bpm: cfg.bpm,
             control_changes: RateLimit::new(MAX_CONTROL_CHANGES_PER_SEC),
             next_count: 0,
-            timeline,
+            schedule,
             transport: Transport::playing(),
-            transport_at_ns: timeline.anchor_ns(),
+            transport_at_ns: schedule.anchor_ns(),
+            timeline: Outgoing {
+                name: "timeline",
+                data: String::new(),
+            },
             timeline_frame: SharedFrame::from(&[][..]),
             in_fanout: false,
             deferred: Vec::new(),
+            sessions: Slab::new(),
+            session_ids: HashMap::new(),
+            eio_ping: protocol::text_frame("2"),
             fanout_events: Some(Events::with_capacity(256)),
             cfg,
             poll,
@@ -184,7 +225,7 @@ impl Server {
             finished: Vec::new(),
         })
         .map(|mut server| {
-            server.timeline_frame = server.encode_timeline();
+            server.refresh_timeline();
             server
         })
     }
@@ -336,6 +377,20 @@ impl Server {
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(conn.socket());
         count_close(&mut self.stats, &mut conn);
+        // A long-poll that gave up, or a WebSocket that probed and went away: the session
+        // carries on without it.
+        if let Some(skey) = conn.parked_for
+            && let Some(session) = self.sessions.get_mut(skey)
+            && session.waiting == Some(key)
+        {
+            session.waiting = None;
+        }
+        if let Some(skey) = conn.sio.as_ref().and_then(|l| l.upgrading_from)
+            && let Some(session) = self.sessions.get_mut(skey)
+            && session.upgrading == Some(key)
+        {
+            session.upgrading = None;
+        }
     }
 
     /// Handles readiness on one connection, following it through state changes.
@@ -370,8 +425,7 @@ impl Server {
                                     if warn {
                                         let err =
                                             ClientError::RateLimited(self.cfg.max_messages_per_sec);
-                                        let frame = protocol::text_frame(&protocol::error(&err));
-                                        conn.send(&frame, self.cfg.max_queue);
+                                        self.reply(Peer::Conn(key), &protocol::error(&err));
                                     }
                                 }
                                 Rate::Close => conn.close_ws(
@@ -394,7 +448,7 @@ impl Server {
                         WsRead::Pending => break,
                         WsRead::Ended(_) => {}
                     },
-                    State::Closing { .. } => {
+                    State::Closing { .. } | State::Parked { .. } => {
                         if conn.drain_input() {
                             self.readable_again.push(key);
                         }
@@ -426,21 +480,11 @@ impl Server {
                     ),
                 )
             }
-            Route::WebSocket => match http::check_upgrade(&req) {
-                Ok(_) if self.stats.clients >= self.cfg.max_clients => {
-                    self.stats.count_refused(RefuseReason::MaxClients);
-                    let message = format!(
-                        "server full: {} clients connected; try again later",
-                        self.stats.clients
-                    );
-                    (503, http::text_error(503, &message))
-                }
+            Route::WebSocket => match self.check_ws_upgrade(&req) {
                 Ok(accept) => return self.upgrade(key, &req, &accept),
-                Err(e) => {
-                    self.stats.count_refused(RefuseReason::BadUpgrade);
-                    (400, http::text_error(400, &e.to_string()))
-                }
+                Err(refusal) => refusal,
             },
+            Route::SocketIo => return self.on_socketio_request(key, req, now),
             Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
             Route::Healthz => match self.stats.degraded() {
                 None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
@@ -465,10 +509,17 @@ impl Server {
                     stats::metrics_text(&self.snapshot()).as_bytes(),
                 ),
             ),
-            Route::NotFound => (404, http::text_error(404, "no such page; try / or /ws")),
+            Route::NotFound => (
+                404,
+                http::text_error(404, "no such page; try /, /ws or /socket.io/"),
+            ),
             Route::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
         };
         let (status, bytes) = response;
+        self.respond(key, &req, status, bytes, now);
+    }
+
+    fn respond(&mut self, key: usize, req: &Request, status: u16, bytes: Vec<u8>, now: Instant) {
         self.stats.count_http(status);
         debug!("http {} {} -> {status}", req.method, req.path);
         if let Some(conn) = self.conns.get_mut(key) {
@@ -476,14 +527,38 @@ impl Server {
         }
     }
 
-    fn upgrade(&mut self, key: usize, req: &Request, accept: &str) {
-        let may_control = match &self.cfg.control_token {
+    /// The WebSocket handshake checks shared by `/ws` and `/socket.io/`: a valid upgrade, and
+    /// room for one more client. Returns the accept key, or the refusal to send.
+    fn check_ws_upgrade(&mut self, req: &Request) -> Result<String, (u16, Vec<u8>)> {
+        match http::check_upgrade(req) {
+            Ok(_) if self.stats.clients >= self.cfg.max_clients => {
+                self.stats.count_refused(RefuseReason::MaxClients);
+                let message = format!(
+                    "server full: {} clients connected; try again later",
+                    self.stats.clients
+                );
+                Err((503, http::text_error(503, &message)))
+            }
+            Ok(accept) => Ok(accept),
+            Err(e) => {
+                self.stats.count_refused(RefuseReason::BadUpgrade);
+                Err((400, http::text_error(400, &e.to_string())))
+            }
+        }
+    }
+
+    /// Whether `req` presents the control token (or none is needed).
+    fn may_control(&self, req: &Request) -> bool {
+        match &self.cfg.control_token {
             None => true,
             Some(expected) => {
                 http::presented_token(req).is_some_and(|t| http::tokens_match(&t, expected))
             }
-        };
-        let hello = protocol::hello(&HelloData {
+        }
+    }
+
+    fn hello(&self, may_control: bool) -> Outgoing {
+        protocol::hello(&HelloData {
             bpm: self.bpm,
             ppqn: self.cfg.ppqn,
             count: self.count,
@@ -496,57 +571,589 @@ impl Server {
             control: may_control,
             token_required: self.cfg.control_token.is_some(),
             version: env!("CARGO_PKG_VERSION"),
-        });
+        })
+    }
+
+    fn upgrade(&mut self, key: usize, req: &Request, accept: &str) {
+        let may_control = self.may_control(req);
+        let hello = self.hello(may_control).frame();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         self.stats.count_http(101);
-        self.stats.clients += 1;
+        self.stats.client_opened(ClientKind::Ws);
+        conn.counted = Some(ClientKind::Ws);
         conn.may_control = may_control;
         conn.upgrade(
             http::switching_protocols(accept),
             req.head_len,
             self.cfg.max_message_bytes,
         );
-        conn.send(&protocol::text_frame(&hello), self.cfg.max_queue);
+        conn.send(&hello, self.cfg.max_queue);
         conn.send(&self.timeline_frame, self.cfg.max_queue);
         debug!("ws open peer={}", conn.peer);
+    }
+
+    /// Everything under `/socket.io/`: the long-polling handshake, polls, posts, CORS
+    /// preflight, and WebSocket upgrades (fresh, or taking over a polling session).
+    fn on_socketio_request(&mut self, key: usize, req: Request, now: Instant) {
+        let Some(cors) = http::cors_headers(&req, &self.cfg.allowed_origins) else {
+            self.stats.count_refused(RefuseReason::ForbiddenOrigin);
+            return self.eio_refuse(key, &req, EioError::Forbidden, &[], now);
+        };
+        if req.method == "OPTIONS" {
+            return self.respond(key, &req, 204, http::preflight(&cors), now);
+        }
+        let query = match engineio::parse_query(&req.query) {
+            Ok(q) => q,
+            Err(e) => return self.eio_refuse(key, &req, e, &cors, now),
+        };
+        let session = match &query.sid {
+            None => None,
+            Some(sid) => match self.session_ids.get(sid) {
+                Some(&skey) => Some(skey),
+                None => return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now),
+            },
+        };
+        match (query.transport, session, req.method.as_str()) {
+            (EioTransport::WebSocket, _, "GET") => match self.check_ws_upgrade(&req) {
+                Ok(accept) => self.socketio_upgrade(key, &req, &accept, session),
+                Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
+            },
+            (EioTransport::Polling, None, "GET") => self.polling_handshake(key, &req, cors, now),
+            (EioTransport::Polling, Some(skey), "GET") => self.poll(key, &req, skey, cors, now),
+            (EioTransport::Polling, Some(skey), "POST") => self.post(key, &req, skey, cors, now),
+            (_, None, _) => self.eio_refuse(key, &req, EioError::BadHandshakeMethod, &cors, now),
+            _ => self.eio_refuse(key, &req, EioError::BadRequest, &cors, now),
+        }
+    }
+
+    /// Answers with Engine.IO's JSON error, which stock clients report and retry on.
+    fn eio_refuse(
+        &mut self,
+        key: usize,
+        req: &Request,
+        e: EioError,
+        cors: &[String],
+        now: Instant,
+    ) {
+        let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+        let bytes =
+            http::response_with(e.status(), "application/json", &extra, e.body().as_bytes());
+        self.respond(key, req, e.status(), bytes, now);
+    }
+
+    /// A 200 for a polling request: `text/plain` with the CORS headers.
+    fn poll_response(cors: &[String], body: &str) -> Vec<u8> {
+        let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+        http::response_with(200, "text/plain; charset=UTF-8", &extra, body.as_bytes())
+    }
+
+    fn open_packet(&self, sid: &str, upgrades: &[&str]) -> String {
+        engineio::open_packet(
+            sid,
+            upgrades,
+            millis(self.cfg.ping_interval),
+            millis(self.cfg.ping_timeout),
+            EIO_MAX_PAYLOAD.min(self.cfg.max_message_bytes.max(http::MAX_BODY_BYTES)),
+        )
+    }
+
+    fn socketio_upgrade(&mut self, key: usize, req: &Request, accept: &str, from: Option<usize>) {
+        if let Some(skey) = from
+            && self
+                .sessions
+                .get(skey)
+                .is_some_and(|s| s.upgrading.is_some())
+        {
+            return self.eio_refuse(key, req, EioError::BadRequest, &[], Instant::now());
+        }
+        let sid = match from {
+            Some(skey) => self.sessions[skey].sid.clone(),
+            None => match engineio::new_sid() {
+                Ok(sid) => sid,
+                Err(e) => {
+                    warn!("no randomness for a session id: {e}");
+                    let bytes = http::text_error(503, "cannot create a session; try again");
+                    return self.respond(key, req, 503, bytes, Instant::now());
+                }
+            },
+        };
+        let may_control = self.may_control(req);
+        let open = (from.is_none()).then(|| protocol::text_frame(&self.open_packet(&sid, &[])));
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.stats.count_http(101);
+        conn.may_control = may_control;
+        conn.upgrade(
+            http::switching_protocols(accept),
+            req.head_len,
+            self.cfg.max_message_bytes,
+        );
+        let now = Instant::now();
+        conn.sio = Some(SioLink {
+            sid,
+            joined: false,
+            upgrading_from: from,
+            ping_sent: None,
+            last_ping: now,
+        });
+        // A socket taking over a polling session counts once the upgrade completes (`5`); until
+        // then the session is the client.
+        if let Some(open) = open {
+            self.stats.client_opened(ClientKind::SocketIoWs);
+            conn.counted = Some(ClientKind::SocketIoWs);
+            conn.send(&open, self.cfg.max_queue);
+        }
+        debug!(
+            "socket.io websocket open peer={} upgrade={}",
+            conn.peer,
+            from.is_some()
+        );
+    }
+
+    fn polling_handshake(&mut self, key: usize, req: &Request, cors: Vec<String>, now: Instant) {
+        if self.stats.clients >= self.cfg.max_clients
+            || self.sessions.len() >= self.cfg.max_polling_sessions
+        {
+            self.stats.count_refused(RefuseReason::MaxClients);
+            let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+            let body = r#"{"code":3,"message":"Server full; try again later"}"#;
+            let bytes = http::response_with(503, "application/json", &extra, body.as_bytes());
+            return self.respond(key, req, 503, bytes, now);
+        }
+        let sid = match engineio::new_sid() {
+            Ok(sid) => sid,
+            Err(e) => {
+                warn!("no randomness for a session id: {e}");
+                let bytes = http::text_error(503, "cannot create a session; try again");
+                return self.respond(key, req, 503, bytes, now);
+            }
+        };
+        let open = self.open_packet(&sid, &["websocket"]);
+        let rate = RateLimit::new(self.cfg.max_messages_per_sec);
+        let session = PollSession::new(sid.clone(), self.may_control(req), rate, now);
+        let skey = self.sessions.insert(session);
+        self.session_ids.insert(sid, skey);
+        self.stats.client_opened(ClientKind::SocketIoPolling);
+        self.respond(key, req, 200, Self::poll_response(&cors, &open), now);
+    }
+
+    /// A long-poll GET: answered at once when packets wait (or while the session is being
+    /// upgraded), parked until they do otherwise.
+    fn poll(&mut self, key: usize, req: &Request, skey: usize, cors: Vec<String>, now: Instant) {
+        let backstop = now + self.cfg.ping_interval + self.cfg.ping_timeout;
+        let Some(session) = self.sessions.get_mut(skey) else {
+            return;
+        };
+        session.seen(now);
+        if session.waiting.is_some() {
+            // Two polls at once: a broken client. Engine.IO closes such a session.
+            self.close_session(skey, CloseReason::ProtocolError);
+            return self.eio_refuse(key, req, EioError::BadRequest, &cors, now);
+        }
+        session.cors = cors;
+        let payload = session.take_payload(EIO_MAX_PAYLOAD);
+        match payload {
+            Some(body) => {
+                let bytes = Self::poll_response(&session.cors, &body);
+                self.respond(key, req, 200, bytes, now);
+            }
+            // A client whose polling is paused for an upgrade waits for this GET to end.
+            None if session.upgrading.is_some() => {
+                let bytes = Self::poll_response(&session.cors, "6");
+                self.respond(key, req, 200, bytes, now);
+            }
+            None => {
+                session.waiting = Some(key);
+                self.stats.count_http(200);
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.park(skey, backstop);
+                }
+            }
+        }
+    }
+
+    /// A POST of client packets.
+    fn post(&mut self, key: usize, req: &Request, skey: usize, cors: Vec<String>, now: Instant) {
+        let received_ns = self.clock.unix_now_ns();
+        if let Some(session) = self.sessions.get_mut(skey) {
+            session.seen(now);
+        }
+        let Ok(body) = std::str::from_utf8(&req.body) else {
+            self.close_session(skey, CloseReason::InvalidUtf8);
+            return self.eio_refuse(key, req, EioError::BadRequest, &cors, now);
+        };
+        for packet in engineio::split_payload(body) {
+            let Some(session) = self.sessions.get_mut(skey) else {
+                break;
+            };
+            match session.rate.check(now) {
+                Rate::Allow => {}
+                Rate::Refuse { warn } => {
+                    self.stats.client_errors += 1;
+                    if warn {
+                        let err = ClientError::RateLimited(self.cfg.max_messages_per_sec);
+                        self.reply(Peer::Session(skey), &protocol::error(&err));
+                    }
+                    continue;
+                }
+                Rate::Close => {
+                    self.close_session(skey, CloseReason::RateLimited);
+                    break;
+                }
+            }
+            if let Err(e) = self.on_eio_packet(Peer::Session(skey), packet, received_ns) {
+                debug!("socket.io polling protocol error: {e}");
+                self.close_session(skey, CloseReason::ProtocolError);
+                return self.eio_refuse(key, req, EioError::BadRequest, &cors, now);
+            }
+        }
+        let bytes = {
+            let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+            http::response_with(200, "text/html", &extra, b"ok")
+        };
+        self.respond(key, req, 200, bytes, now);
+    }
+
+    /// One Engine.IO packet from a Socket.IO client, on either transport. An error is a
+    /// protocol violation: the caller ends the client (close 1002, or 400 and no session).
+    fn on_eio_packet(
+        &mut self,
+        peer: Peer,
+        text: &str,
+        received_ns: u64,
+    ) -> Result<(), engineio::PacketError> {
+        match engineio::decode_packet(text)? {
+            Packet::Message(m) => self.on_sio_packet(peer, m, received_ns),
+            Packet::Pong(_) => match peer {
+                Peer::Conn(key) => {
+                    if let Some(link) = self.conns.get_mut(key).and_then(|c| c.sio.as_mut()) {
+                        link.ping_sent = None;
+                    }
+                }
+                Peer::Session(skey) => {
+                    if let Some(session) = self.sessions.get_mut(skey) {
+                        session.pong();
+                    }
+                }
+            },
+            Packet::Ping("probe") if self.upgrading_session(peer).is_some() => {
+                let (Peer::Conn(key), Some(skey)) = (peer, self.upgrading_session(peer)) else {
+                    return Ok(());
+                };
+                self.send_packet(peer, "3probe");
+                // From now on the session's polls are answered at once, so the client's paused
+                // polling can finish and it sends `5`.
+                if let Some(session) = self.sessions.get_mut(skey) {
+                    session.upgrading = Some(key);
+                }
+                self.answer_poll(skey, Some("6"));
+            }
+            Packet::Ping(data) => self.send_packet(peer, &format!("3{data}")),
+            Packet::Upgrade => {
+                let (Peer::Conn(key), Some(skey)) = (peer, self.upgrading_session(peer)) else {
+                    return Err(engineio::PacketError::BadType('5'));
+                };
+                self.complete_upgrade(key, skey);
+            }
+            Packet::Noop => {}
+            Packet::Close => match peer {
+                Peer::Conn(key) => {
+                    if let Some(conn) = self.conns.get_mut(key) {
+                        conn.close_ws(
+                            CloseCode::Normal,
+                            "",
+                            CloseReason::ClientClosed,
+                            Instant::now(),
+                        );
+                    }
+                }
+                Peer::Session(skey) => self.close_session(skey, CloseReason::ClientClosed),
+            },
+        }
+        Ok(())
+    }
+
+    /// The polling session a WebSocket is taking over, if any.
+    fn upgrading_session(&self, peer: Peer) -> Option<usize> {
+        let Peer::Conn(key) = peer else {
+            return None;
+        };
+        let skey = self.conns.get(key)?.sio.as_ref()?.upgrading_from?;
+        self.sessions.contains(skey).then_some(skey)
+    }
+
+    /// The client sent `5`: the WebSocket becomes the session. The session's rights and
+    /// namespace membership move over, its waiting packets follow in order, and a poll still
+    /// parked is released with a noop.
+    fn complete_upgrade(&mut self, key: usize, skey: usize) {
+        let Some(mut session) = self.sessions.try_remove(skey) else {
+            return;
+        };
+        self.session_ids.remove(&session.sid);
+        if let Some(ckey) = session.waiting.take()
+            && let Some(conn) = self.conns.get_mut(ckey)
+        {
+            conn.respond(Self::poll_response(&session.cors, "6"), Instant::now());
+            self.stats.messages_sent += conn.flush();
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            self.stats
+                .client_closed(ClientKind::SocketIoPolling, CloseReason::ClientClosed);
+            return;
+        };
+        if let Some(link) = conn.sio.as_mut() {
+            link.upgrading_from = None;
+            link.joined = session.joined;
+            link.last_ping = Instant::now();
+        }
+        conn.may_control |= session.may_control;
+        conn.rate = session.rate;
+        conn.counted = Some(ClientKind::SocketIoWs);
+        self.stats
+            .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        for packet in session.take_all() {
+            conn.send(&protocol::text_frame(&packet), self.cfg.max_queue);
+        }
+        debug!("socket.io upgraded to websocket peer={}", conn.peer);
+    }
+
+    /// A Socket.IO packet: namespace connects, events, disconnects.
+    fn on_sio_packet(&mut self, peer: Peer, text: &str, received_ns: u64) {
+        let packet = match engineio::decode_sio(text) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.client_errors += 1;
+                let err = ClientError::BadPacket(e.to_string());
+                return self.reply(peer, &protocol::error(&err));
+            }
+        };
+        match packet {
+            SioPacket::Connect { nsp, .. } if nsp != "/" => {
+                self.send_packet(peer, &engineio::connect_error(&nsp, "Invalid namespace"));
+            }
+            SioPacket::Connect { auth, .. } => {
+                let token = auth
+                    .as_ref()
+                    .and_then(|a| a.get("token"))
+                    .and_then(|t| t.as_str());
+                let by_auth = match (&self.cfg.control_token, token) {
+                    (Some(expected), Some(token)) => http::tokens_match(token, expected),
+                    _ => false,
+                };
+                let may_control = self.set_joined(peer, true, by_auth);
+                let Ok(socket_id) = engineio::new_sid() else {
+                    return self.send_packet(
+                        peer,
+                        &engineio::connect_error("/", "cannot create a socket id; try again"),
+                    );
+                };
+                self.send_packet(peer, &engineio::connect_ok(&socket_id));
+                let hello = self.hello(may_control);
+                self.reply(peer, &hello);
+                let timeline = self.timeline.clone();
+                self.reply(peer, &timeline);
+            }
+            SioPacket::Disconnect { .. } => {
+                self.set_joined(peer, false, false);
+            }
+            SioPacket::Event { nsp, name, data } => {
+                if nsp != "/" || !self.joined(peer) {
+                    // Not connected to that namespace: Socket.IO drops such events too.
+                    return;
+                }
+                let may_control = match peer {
+                    Peer::Conn(key) => self.conns.get(key).is_some_and(|c| c.may_control),
+                    Peer::Session(skey) => self.sessions.get(skey).is_some_and(|s| s.may_control),
+                };
+                let result = protocol::decode_event(&name, data.as_ref())
+                    .and_then(|m| self.on_client_message(peer, m, may_control, received_ns));
+                if let Err(err) = result {
+                    self.stats.client_errors += 1;
+                    self.reply(peer, &protocol::error(&err));
+                }
+            }
+            SioPacket::Ack => {}
+        }
+    }
+
+    /// Joins or leaves the default namespace; `grant` adds control rights (a token in the
+    /// connect packet's `auth`). Returns whether the client may control.
+    fn set_joined(&mut self, peer: Peer, joined: bool, grant: bool) -> bool {
+        match peer {
+            Peer::Conn(key) => match self.conns.get_mut(key) {
+                Some(conn) => {
+                    if let Some(link) = conn.sio.as_mut() {
+                        link.joined = joined;
+                    }
+                    conn.may_control |= grant;
+                    conn.may_control
+                }
+                None => false,
+            },
+            Peer::Session(skey) => match self.sessions.get_mut(skey) {
+                Some(session) => {
+                    session.joined = joined;
+                    session.may_control |= grant;
+                    session.may_control
+                }
+                None => false,
+            },
+        }
+    }
+
+    fn joined(&self, peer: Peer) -> bool {
+        match peer {
+            Peer::Conn(key) => self
+                .conns
+                .get(key)
+                .and_then(|c| c.sio.as_ref())
+                .is_some_and(|l| l.joined),
+            Peer::Session(skey) => self.sessions.get(skey).is_some_and(|s| s.joined),
+        }
+    }
+
+    /// Sends a raw Engine.IO packet to a Socket.IO client.
+    fn send_packet(&mut self, peer: Peer, packet: &str) {
+        match peer {
+            Peer::Conn(key) => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.send(&protocol::text_frame(packet), self.cfg.max_queue);
+                }
+            }
+            Peer::Session(skey) => {
+                let limit = self.cfg.max_queue;
+                let pushed = self
+                    .sessions
+                    .get_mut(skey)
+                    .map(|s| s.push(packet.into(), limit));
+                match pushed {
+                    Some(true) => self.answer_poll(skey, None),
+                    Some(false) => self.close_session(skey, CloseReason::SlowConsumer),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Sends one event to one client, in its protocol.
+    fn reply(&mut self, peer: Peer, event: &Outgoing) {
+        let is_sio = match peer {
+            Peer::Conn(key) => self.conns.get(key).is_some_and(|c| c.sio.is_some()),
+            Peer::Session(_) => true,
+        };
+        if is_sio {
+            self.send_packet(peer, &engineio::event(event.name, &event.data));
+        } else if let Some(conn) = self.conns.get_mut(key_of(peer)) {
+            conn.send(&event.frame(), self.cfg.max_queue);
+        }
+    }
+
+    /// Answers the session's parked GET with what is queued (or `fallback` when nothing is).
+    fn answer_poll(&mut self, skey: usize, fallback: Option<&str>) {
+        let Some(session) = self.sessions.get_mut(skey) else {
+            return;
+        };
+        let Some(ckey) = session.waiting else {
+            return;
+        };
+        let Some(body) = session
+            .take_payload(EIO_MAX_PAYLOAD)
+            .or_else(|| fallback.map(str::to_string))
+        else {
+            return;
+        };
+        session.waiting = None;
+        let bytes = Self::poll_response(&session.cors, &body);
+        if let Some(conn) = self.conns.get_mut(ckey) {
+            conn.respond(bytes, Instant::now());
+            self.stats.messages_sent += conn.flush();
+            if conn.is_done() {
+                self.finished.push(ckey);
+            }
+        }
+    }
+
+    /// Ends a polling session: a parked GET gets Engine.IO's close packet (a stock client then
+    /// reconnects), a WebSocket probing to take it over is closed, and later requests with its
+    /// id get 400.
+    fn close_session(&mut self, skey: usize, reason: CloseReason) {
+        let Some(session) = self.sessions.try_remove(skey) else {
+            return;
+        };
+        self.session_ids.remove(&session.sid);
+        self.stats
+            .client_closed(ClientKind::SocketIoPolling, reason);
+        debug!("socket.io session closed reason={}", reason.label());
+        let now = Instant::now();
+        if let Some(ckey) = session.waiting
+            && let Some(conn) = self.conns.get_mut(ckey)
+        {
+            conn.respond(Self::poll_response(&session.cors, "1"), now);
+            self.stats.messages_sent += conn.flush();
+        }
+        if let Some(ckey) = session.upgrading
+            && let Some(conn) = self.conns.get_mut(ckey)
+        {
+            conn.close_ws(CloseCode::Away, "session closed", reason, now);
+            self.stats.messages_sent += conn.flush();
+        }
     }
 
     fn on_message(&mut self, key: usize, message: Message) {
         // A ping's receive time: taken before anything else is done with the message.
         let received_ns = self.clock.unix_now_ns();
+        let is_sio = self.conns.get(key).is_some_and(|c| c.sio.is_some());
+        if is_sio {
+            if let Message::Text(text) = &message
+                && let Err(e) = self.on_eio_packet(Peer::Conn(key), text, received_ns)
+                && let Some(conn) = self.conns.get_mut(key)
+            {
+                debug!("socket.io protocol error peer={}: {e}", conn.peer);
+                conn.close_ws(
+                    CloseCode::Protocol,
+                    "Engine.IO protocol error",
+                    CloseReason::ProtocolError,
+                    Instant::now(),
+                );
+            } else if let Message::Binary(_) = message {
+                self.stats.client_errors += 1;
+                self.reply(Peer::Conn(key), &protocol::error(&ClientError::Binary));
+            }
+            return;
+        }
         let may_control = self.conns.get(key).is_some_and(|c| c.may_control);
         let result = match message {
             Message::Text(text) => protocol::decode(&text)
-                .and_then(|m| self.on_client_message(key, m, may_control, received_ns)),
+                .and_then(|m| self.on_client_message(Peer::Conn(key), m, may_control, received_ns)),
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
         };
         if let Err(err) = result {
             self.stats.client_errors += 1;
-            let frame = protocol::text_frame(&protocol::error(&err));
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.send(&frame, self.cfg.max_queue);
-            }
+            self.reply(Peer::Conn(key), &protocol::error(&err));
         }
     }
 
     fn on_client_message(
         &mut self,
-        key: usize,
+        peer: Peer,
         message: ClientMessage,
         may_control: bool,
         received_ns: u64,
     ) -> Result<(), ClientError> {
         match message {
             ClientMessage::Ping(t0) => {
-                if let Some(conn) = self.conns.get_mut(key) {
-                    // Stamped as late as possible and written at once, not at the next
-                    // writable event: the client's offset estimate assumes t2 is the send.
-                    let pong = protocol::pong(t0, received_ns, self.clock.unix_now_ns());
-                    conn.send(&protocol::text_frame(&pong), self.cfg.max_queue);
+                // Stamped as late as possible and written at once, not at the next writable
+                // event: the client's offset estimate assumes t2 is the send.
+                let pong = protocol::pong(t0, received_ns, self.clock.unix_now_ns());
+                self.reply(peer, &pong);
+                if let Peer::Conn(key) = peer
+                    && let Some(conn) = self.conns.get_mut(key)
+                {
                     self.stats.messages_sent += conn.flush();
                 }
                 Ok(())
@@ -557,20 +1164,17 @@ impl Server {
                 Err(ClientError::Unauthorized)
             }
             ClientMessage::Start(quantize) => {
-                self.change_transport(key, TransportState::Playing, quantize)
+                self.change_transport(peer, TransportState::Playing, quantize)
             }
             ClientMessage::Stop => {
-                self.change_transport(key, TransportState::Stopped, Quantize::None)
+                self.change_transport(peer, TransportState::Stopped, Quantize::None)
             }
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
                 if bpm == self.requested_bpm {
                     // Nothing changes for anyone else: confirm to the sender only, so one
                     // client cannot make the server write to every client at will.
-                    let frame = protocol::text_frame(&protocol::bpm_change(bpm));
-                    if let Some(conn) = self.conns.get_mut(key) {
-                        conn.send(&frame, self.cfg.max_queue);
-                    }
+                    self.reply(peer, &protocol::bpm_change(bpm));
                     return Ok(());
                 }
                 // Every change is a write to every client; cap them server-wide.
@@ -590,7 +1194,7 @@ impl Server {
     /// and at least [`START_LEAD_NS`] away; a stop takes effect from the next tick.
     fn change_transport(
         &mut self,
-        key: usize,
+        peer: Peer,
         state: TransportState,
         quantize: Quantize,
     ) -> Result<(), ClientError> {
@@ -599,7 +1203,7 @@ impl Server {
             TransportState::Stopped => next,
             TransportState::Playing => {
                 let earliest = self
-                    .timeline
+                    .schedule
                     .first_count_at_or_after(self.clock.now_ns() + START_LEAD_NS);
                 let quantum = quantize.ticks(self.cfg.ppqn, self.cfg.beats_per_bar);
                 transport::start_count(next, earliest, quantum)
@@ -608,24 +1212,22 @@ impl Server {
         let mut changed = self.transport;
         if !changed.change(state, from, next) {
             // Already heading there: confirm to the sender only, as for a repeated setBpm.
-            let frame = protocol::text_frame(&protocol::transport(&self.transport_data()));
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.send(&frame, self.cfg.max_queue);
-            }
+            let confirm = protocol::transport(&self.transport_data());
+            self.reply(peer, &confirm);
             return Ok(());
         }
         if self.control_changes.check(Instant::now()) != Rate::Allow {
             return Err(ClientError::Busy);
         }
         self.transport = changed;
-        self.transport_at_ns = self.timeline.deadline_ns(changed.from_count());
+        self.transport_at_ns = self.schedule.deadline_ns(changed.from_count());
         info!("transport {state} from tick {}", changed.from_count());
         self.stats.transport_changes += 1;
-        let frame = protocol::text_frame(&protocol::transport(&self.transport_data()));
-        self.timeline_frame = self.encode_timeline();
-        let timeline = self.timeline_frame.clone();
-        self.broadcast(&frame);
-        self.broadcast(&timeline);
+        let announce = protocol::transport(&self.transport_data());
+        self.refresh_timeline();
+        let timeline = self.timeline.clone();
+        self.broadcast(announce);
+        self.broadcast(timeline);
         Ok(())
     }
 
@@ -633,18 +1235,24 @@ impl Server {
         let from = self.transport.from_count();
         // The current schedule knows counts from its anchor on; an older state began under an
         // older schedule, whose instant was kept.
-        let at_ns = if from >= self.timeline.anchor_count() {
-            self.timeline.deadline_ns(from)
+        let at_ns = if from >= self.schedule.anchor_count() {
+            self.schedule.deadline_ns(from)
         } else {
             self.transport_at_ns
         };
         TransportData::new(self.transport.state(), from, self.clock.unix_ns(at_ns))
     }
 
-    fn encode_timeline(&self) -> SharedFrame {
-        let s = self.timeline;
+    /// Rebuilds the cached `timeline` after a tempo or transport change.
+    fn refresh_timeline(&mut self) {
+        self.timeline = self.encode_timeline();
+        self.timeline_frame = self.timeline.frame();
+    }
+
+    fn encode_timeline(&self) -> Outgoing {
+        let s = self.schedule;
         let anchor_unix_ns = self.clock.unix_ns(s.anchor_ns());
-        protocol::text_frame(&protocol::timeline(&TimelineData {
+        protocol::timeline(&TimelineData {
             count: s.anchor_count(),
             time_us: anchor_unix_ns / 1_000,
             time: anchor_unix_ns / 1_000_000,
@@ -653,7 +1261,7 @@ impl Server {
             beats_per_bar: self.cfg.beats_per_bar,
             interval_us: s.interval_ns() / 1_000.0,
             transport: self.transport_data(),
-        }))
+        })
     }
 
     /// Takes every event the timing thread has queued, in order.
@@ -679,14 +1287,14 @@ impl Server {
                 TimingEvent::Tempo(schedule) => {
                     let bpm = schedule.bpm();
                     self.bpm = bpm;
-                    self.timeline = schedule;
-                    self.timeline_frame = self.encode_timeline();
+                    self.schedule = schedule;
+                    self.refresh_timeline();
                     self.stats.tempo_changes += 1;
                     info!("tempo {bpm} BPM from tick {}", schedule.anchor_count());
                     if self.shutdown_by.is_none() {
-                        self.broadcast(&protocol::text_frame(&protocol::bpm_change(bpm)));
-                        let frame = self.timeline_frame.clone();
-                        self.broadcast(&frame);
+                        self.broadcast(protocol::bpm_change(bpm));
+                        let timeline = self.timeline.clone();
+                        self.broadcast(timeline);
                     }
                 }
             }
@@ -718,35 +1326,49 @@ impl Server {
             tick.count,
             self.cfg.ppqn,
         );
-        self.broadcast(&protocol::text_frame(&protocol::tick(&data)));
+        self.broadcast(protocol::tick(&data));
         let done = self.clock.now_ns();
         self.stats
             .fanout
             .record(done.saturating_sub(tick.deadline_ns));
     }
 
-    /// Queues `frame` on every open client and writes it out. Clients already `max_queue`
+    /// Sends `event` to every client, encoded once per protocol. Clients already `max_queue`
     /// frames behind are closed as slow consumers instead; they never hold up the rest.
     ///
     /// Every [`FANOUT_CHUNK`] clients it pauses to serve what has arrived (pings above all).
     /// A broadcast asked for during a pause is queued and sent after this one, so frames
     /// reach every client in order.
-    fn broadcast(&mut self, frame: &SharedFrame) {
+    fn broadcast(&mut self, event: Outgoing) {
         if self.in_fanout {
-            self.deferred.push(frame.clone());
+            self.deferred.push(event);
             return;
         }
         self.in_fanout = true;
-        self.fan_out(frame);
+        self.fan_out(&event);
         while !self.deferred.is_empty() {
-            for frame in std::mem::take(&mut self.deferred) {
-                self.fan_out(&frame);
+            for event in std::mem::take(&mut self.deferred) {
+                self.fan_out(&event);
             }
         }
         self.in_fanout = false;
     }
 
-    fn fan_out(&mut self, frame: &SharedFrame) {
+    fn encode(&self, event: &Outgoing) -> Encoded {
+        let sio_clients = self.stats.clients_of(ClientKind::SocketIoWs)
+            + self.stats.clients_of(ClientKind::SocketIoPolling);
+        let sio = (sio_clients > 0).then(|| {
+            let packet = engineio::event(event.name, &event.data);
+            (protocol::text_frame(&packet), Arc::from(packet))
+        });
+        Encoded {
+            plain: event.frame(),
+            sio,
+        }
+    }
+
+    fn fan_out(&mut self, event: &Outgoing) {
+        let encoded = self.encode(event);
         let now = Instant::now();
         let limit = self.cfg.max_queue;
         let mut written = 0;
@@ -754,12 +1376,11 @@ impl Server {
         // connects during a pause at a higher key gets this frame too, which is harmless.
         let mut key = 0;
         while key < self.conns.capacity() {
-            let Some(conn) = self.conns.get_mut(key) else {
-                key += 1;
+            key += 1;
+            let Some(conn) = self.conns.get_mut(key - 1) else {
                 continue;
             };
-            key += 1;
-            if !conn.is_open() {
+            if !conn.takes_broadcasts() {
                 continue;
             }
             written += 1;
@@ -769,9 +1390,16 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key - 1) else {
                 continue;
             };
-            if !conn.is_open() {
+            if !conn.takes_broadcasts() {
                 continue;
             }
+            let frame = match (&conn.sio, &encoded.sio) {
+                (None, _) => &encoded.plain,
+                (Some(_), Some((frame, _))) => frame,
+                // A Socket.IO socket with no Socket.IO client counted: only while it is still
+                // probing, and those take no broadcasts.
+                (Some(_), None) => continue,
+            };
             if !conn.send(frame, limit) {
                 debug!("slow consumer peer={} queued={}", conn.peer, conn.queued());
                 conn.close_ws(
@@ -785,6 +1413,23 @@ impl Server {
             count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.finished.push(key - 1);
+            }
+        }
+        if let Some((_, packet)) = &encoded.sio {
+            let mut skey = 0;
+            while skey < self.sessions.capacity() {
+                skey += 1;
+                let Some(session) = self.sessions.get_mut(skey - 1) else {
+                    continue;
+                };
+                if !session.joined {
+                    continue;
+                }
+                if session.push(Arc::clone(packet), limit) {
+                    self.answer_poll(skey - 1, None);
+                } else {
+                    self.close_session(skey - 1, CloseReason::SlowConsumer);
+                }
             }
         }
         self.remove_finished();
@@ -833,12 +1478,32 @@ impl Server {
             if conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
             }
-            conn.keep_alive(now, interval, ping_timeout);
+            if conn.sio.is_some() {
+                conn.eio_heartbeat(now, interval, ping_timeout, &self.eio_ping);
+            } else {
+                conn.keep_alive(now, interval, ping_timeout);
+            }
             self.stats.messages_sent += conn.flush();
             count_close(&mut self.stats, conn);
             if conn.is_done() {
                 self.finished.push(key);
             }
+        }
+        self.remove_finished();
+        let mut dead = Vec::new();
+        let mut due = Vec::new();
+        for (skey, session) in self.sessions.iter_mut() {
+            match session.health(now, interval, ping_timeout) {
+                Health::Fine => {}
+                Health::Ping => due.push(skey),
+                Health::Dead => dead.push(skey),
+            }
+        }
+        for skey in due {
+            self.send_packet(Peer::Session(skey), "2");
+        }
+        for skey in dead {
+            self.close_session(skey, CloseReason::PingTimeout);
         }
         self.remove_finished();
         if self.accept_paused_until.is_some_and(|until| now >= until) {
@@ -859,13 +1524,22 @@ impl Server {
         }
     }
 
-    /// Stops accepting, says goodbye (1001) to every client and gives them a second to hear it.
+    /// Stops accepting, says goodbye (1001, or Engine.IO's close packet to a parked poll) to
+    /// every client and gives them a second to hear it.
     fn begin_shutdown(&mut self) {
         let now = Instant::now();
-        info!("shutting down: closing {} connections", self.conns.len());
+        info!(
+            "shutting down: closing {} connections, {} polling sessions",
+            self.conns.len(),
+            self.sessions.len()
+        );
         self.shutdown_by = Some(now + SHUTDOWN_GRACE);
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let sessions: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for skey in sessions {
+            self.close_session(skey, CloseReason::Shutdown);
         }
         for (key, conn) in self.conns.iter_mut() {
             match conn.state() {
@@ -878,7 +1552,7 @@ impl Server {
                     );
                     self.stats.messages_sent += conn.flush();
                 }
-                State::Http { .. } => conn.abort(CloseReason::Shutdown),
+                State::Http { .. } | State::Parked { .. } => conn.abort(CloseReason::Shutdown),
                 State::Closing { .. } | State::Done => {}
             }
             count_close(&mut self.stats, conn);
@@ -904,6 +1578,16 @@ impl Server {
     }
 }
 
+fn key_of(peer: Peer) -> usize {
+    match peer {
+        Peer::Conn(key) | Peer::Session(key) => key,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Waits for the timing thread's first event, the schedule tick 0 runs on, so that the very
 /// first client's timeline is already the real one.
 fn first_schedule(events: &mut TimingEvents) -> io::Result<TickSchedule> {
@@ -923,10 +1607,18 @@ fn first_schedule(events: &mut TimingEvents) -> io::Result<TickSchedule> {
 }
 
 /// Counts a client's close once, when it happens (not when its socket is finally dropped, which
-/// may be seconds later for a slow consumer).
+/// may be seconds later for a slow consumer). A socket still probing a Socket.IO upgrade was
+/// never counted, so its close is not either.
 fn count_close(stats: &mut ServerStats, conn: &mut Connection) {
-    if let Some(reason) = conn.take_close_reason() {
-        stats.count_close(reason);
-        debug!("ws closed peer={} reason={}", conn.peer, reason.label());
+    if let Some(reason) = conn.take_close_reason()
+        && let Some(kind) = conn.counted.take()
+    {
+        stats.client_closed(kind, reason);
+        debug!(
+            "{} closed peer={} reason={}",
+            kind.label(),
+            conn.peer,
+            reason.label()
+        );
     }
 }

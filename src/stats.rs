@@ -71,6 +71,33 @@ impl Percentiles {
     }
 }
 
+/// How a client is connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// `/ws`, this server's own protocol.
+    Ws = 0,
+    /// Socket.IO over WebSocket.
+    SocketIoWs = 1,
+    /// Socket.IO over HTTP long-polling.
+    SocketIoPolling = 2,
+}
+
+impl ClientKind {
+    pub const ALL: [ClientKind; 3] = [
+        ClientKind::Ws,
+        ClientKind::SocketIoWs,
+        ClientKind::SocketIoPolling,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientKind::Ws => "ws",
+            ClientKind::SocketIoWs => "socketio_ws",
+            ClientKind::SocketIoPolling => "socketio_polling",
+        }
+    }
+}
+
 /// Why a WebSocket connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -178,9 +205,10 @@ pub struct ServerStats {
     pub client_errors: u64,
     pub tempo_changes: u64,
     pub transport_changes: u64,
-    /// WebSocket clients connected now: counted up on upgrade and down in `count_close`, the
-    /// one place a client stops being one.
+    /// Clients connected now, all protocols: counted up by `client_opened` and down by
+    /// `client_closed`.
     pub clients: usize,
+    clients_by_kind: [usize; ClientKind::ALL.len()],
     /// One bit per recent tick, newest lowest: set when it was late.
     recent_late: u64,
     closed: [u64; CloseReason::ALL.len()],
@@ -206,7 +234,29 @@ impl ServerStats {
             .then(|| format!("degraded: {late} of the last 64 ticks were more than 1 ms late"))
     }
 
-    pub fn count_close(&mut self, reason: CloseReason) {
+    /// A client joined: an upgraded `/ws` socket, a Socket.IO socket, or a polling session.
+    pub fn client_opened(&mut self, kind: ClientKind) {
+        self.clients += 1;
+        self.clients_by_kind[kind as usize] += 1;
+    }
+
+    /// A client of `kind` left: the one place a client stops being one.
+    pub fn client_closed(&mut self, kind: ClientKind, reason: CloseReason) {
+        self.clients_by_kind[kind as usize] = self.clients_by_kind[kind as usize].saturating_sub(1);
+        self.count_close(reason);
+    }
+
+    /// A polling session became a WebSocket one: the same client, another transport.
+    pub fn client_moved(&mut self, from: ClientKind, to: ClientKind) {
+        self.clients_by_kind[from as usize] = self.clients_by_kind[from as usize].saturating_sub(1);
+        self.clients_by_kind[to as usize] += 1;
+    }
+
+    pub fn clients_of(&self, kind: ClientKind) -> usize {
+        self.clients_by_kind[kind as usize]
+    }
+
+    fn count_close(&mut self, reason: CloseReason) {
         self.clients = self.clients.saturating_sub(1);
         if let Some(i) = CloseReason::ALL.iter().position(|r| *r == reason) {
             self.closed[i] += 1;
@@ -267,6 +317,10 @@ pub fn stats_json(s: &Snapshot) -> String {
         "bpm": s.bpm,
         "ppqn": s.ppqn,
         "clients": s.clients,
+        "clients_by_protocol": ClientKind::ALL
+            .iter()
+            .map(|k| (k.label().to_string(), st.clients_of(*k).into()))
+            .collect::<serde_json::Map<_, _>>(),
         "count": s.count,
         "transport": { "state": s.transport, "count": s.transport_count },
         "uptime_s": (s.uptime_s * 1000.0).round() / 1000.0,
@@ -322,7 +376,7 @@ pub fn metrics_text(s: &Snapshot) -> String {
     simple(
         "clients",
         "gauge",
-        "Connected WebSocket clients.",
+        "Connected clients, all protocols.",
         s.clients.to_string(),
     );
     simple(
@@ -415,6 +469,20 @@ pub fn metrics_text(s: &Snapshot) -> String {
         "Tick deadline to the last byte handed to the kernel.",
         &st.fanout.summary(),
     );
+    metric(
+        &mut out,
+        "protocol_clients",
+        "gauge",
+        "Connected clients, by protocol (ws, socketio_ws, socketio_polling).",
+    );
+    for k in ClientKind::ALL {
+        let _ = writeln!(
+            out,
+            "conductor_protocol_clients{{protocol=\"{}\"}} {}",
+            k.label(),
+            st.clients_of(k)
+        );
+    }
     metric(
         &mut out,
         "connections_closed_total",
@@ -514,8 +582,16 @@ mod tests {
         st.record_tick(20_000);
         st.record_tick(2_000_000);
         st.fanout.record(50_000);
-        st.count_close(CloseReason::SlowConsumer);
+        st.client_opened(ClientKind::SocketIoPolling);
+        st.client_opened(ClientKind::Ws);
+        st.client_opened(ClientKind::SocketIoPolling);
+        st.client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        st.client_closed(ClientKind::Ws, CloseReason::SlowConsumer);
+        assert_eq!(st.clients, 2);
         let v: serde_json::Value = serde_json::from_str(&stats_json(&snapshot(&st))).unwrap();
+        assert_eq!(v["clients_by_protocol"]["ws"], 0);
+        assert_eq!(v["clients_by_protocol"]["socketio_ws"], 1);
+        assert_eq!(v["clients_by_protocol"]["socketio_polling"], 1);
         assert_eq!(v["bpm"], 120);
         assert_eq!(v["clients"], 3);
         assert_eq!(v["count"], 41);
@@ -545,6 +621,7 @@ mod tests {
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
         assert!(text.contains("conductor_clients 3\n"));
+        assert!(text.contains("conductor_protocol_clients{protocol=\"socketio_polling\"} 0\n"));
         assert!(text.contains("conductor_ticks_emitted_total 1\n"));
         assert!(text.contains("conductor_http_responses_total{status=\"404\"} 2\n"));
         assert!(text.contains("conductor_connections_refused_total{reason=\"bad_upgrade\"} 1\n"));
