@@ -1,0 +1,72 @@
+//! The pages in a real browser: headless Chromium (Debian's `chromium`) driven by
+//! `playwright-core` from npm, through `tests/browser/run.mjs`, against the real binary. It
+//! checks both pages for console errors, live ticks, the `#bpm` control against `/stats`, tap
+//! tempo, start/stop, the library's clock offset on loopback, and two drum machines scheduling
+//! the same step for the same instant; it leaves screenshots in `tests/browser/screenshots/`.
+//!
+//! Without `/usr/bin/chromium` (or `$CHROMIUM`) or `node`, the test fails when `CI` is set and
+//! is skipped, loudly, otherwise. `.ci/run` installs both.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use common::Server;
+
+fn missing(what: &str) -> bool {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is missing and CI is set: .ci/run installs it");
+    }
+    eprintln!("\n*** SKIPPED the browser test: {what} is missing (see .ci/run) ***\n");
+    true
+}
+
+fn have_node() -> bool {
+    Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn pages_work_in_headless_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() && missing(&chromium) {
+        return;
+    }
+    if !have_node() && missing("node") {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !dir.join("node_modules/playwright-core").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .status()
+            .expect("run npm");
+        assert!(status.success(), "npm ci --prefix tests/browser failed");
+    }
+
+    let server = Server::start(&[]);
+    let started = Instant::now();
+    let out = Command::new("node")
+        .arg(dir.join("run.mjs"))
+        .arg(format!("http://127.0.0.1:{}", server.port))
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("run node tests/browser/run.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if !stderr.trim().is_empty() {
+        println!("stderr:\n{stderr}");
+    }
+    println!("browser test took {:.1?}", started.elapsed());
+    assert!(
+        out.status.success(),
+        "browser checks failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}

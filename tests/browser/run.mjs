@@ -1,0 +1,259 @@
+// Loads conductor's pages in real headless Chromium and checks them against a running server.
+//
+//   node tests/browser/run.mjs http://127.0.0.1:3000
+//
+// Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
+// check prints one line. Screenshots go to tests/browser/screenshots/. CHROMIUM overrides the
+// browser (default /usr/bin/chromium, Debian's package).
+
+import { chromium } from "playwright-core";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const base = (process.argv[2] || "http://127.0.0.1:3000").replace(/\/$/, "");
+const shots = fileURLToPath(new URL("./screenshots/", import.meta.url));
+mkdirSync(shots, { recursive: true });
+const started = Date.now();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const elapsed = () => ((Date.now() - started) / 1000).toFixed(1) + " s";
+
+let failures = 0;
+function ok(what) {
+  console.log(`ok   ${what}`);
+}
+function fail(what) {
+  failures++;
+  console.log(`FAIL ${what}`);
+}
+function check(cond, what) {
+  (cond ? ok : fail)(what);
+  return cond;
+}
+async function until(what, fn, timeoutMs = 5000) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < end) {
+    last = await fn();
+    if (last) return last;
+    await sleep(50);
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+}
+async function stats() {
+  const r = await fetch(base + "/stats");
+  return r.json();
+}
+
+// A hard ceiling, so a hung browser cannot hang the test suite.
+const watchdog = setTimeout(() => {
+  console.log(`FAIL the browser test did not finish within 120 s`);
+  process.exit(1);
+}, 120_000);
+
+const profile = mkdtempSync(join(tmpdir(), "conductor-chromium-"));
+const browser = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+  ],
+  viewport: { width: 1280, height: 900 },
+});
+console.log(`chromium ${browser.browser()?.version() ?? ""} at ${base}`);
+
+// Every console error and uncaught exception on every page, with the page it came from.
+const problems = [];
+function watch(page, name) {
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(`${name}: console error: ${m.text()} (${m.location().url})`);
+  });
+  page.on("pageerror", (e) => problems.push(`${name}: uncaught: ${e.message}`));
+  page.on("requestfailed", (r) => problems.push(`${name}: request failed: ${r.url()} ${r.failure()?.errorText}`));
+  return page;
+}
+const debug = (page, fn, arg) => page.evaluate(fn, arg);
+
+try {
+  // ---------------- the control page ----------------
+  const index = watch(await browser.newPage(), "index");
+  await index.goto(base + "/");
+  await until("index to say live", async () => (await index.textContent("#status")) === "live");
+  ok("index: connected (status live)");
+  const hello = await debug(index, () => window.conductorDebug.conductor.hello);
+  const hasTransport = hello && "playing" in hello;
+
+  // Live ticks: the tick counter on the page moves.
+  const c1 = Number(await index.textContent("#count"));
+  await sleep(600);
+  const c2 = Number(await index.textContent("#count"));
+  check(Number.isInteger(c1) && c2 > c1, `index: live ticks shown (#count ${c1} -> ${c2})`);
+
+  // The clock offset on loopback: the same clock on both ends, so it must be near zero.
+  const sync = await until(
+    "twelve clock samples (the bursts at 0, 1 and 2 s)",
+    () => debug(index, () => {
+      const c = window.conductorDebug.conductor;
+      return c._samples.length >= 12 && { offset: c.offset, rtt: c.rtt, spread: c.spread };
+    }),
+    8000,
+  );
+  check(
+    Math.abs(sync.offset) < 1,
+    `index: clock offset on loopback ${sync.offset.toFixed(3)} ms (|offset| < 1 ms; rtt ${sync.rtt.toFixed(3)} ms, spread ${sync.spread.toFixed(3)} ms)`,
+  );
+  const shown = await index.textContent("#offset");
+  check(/\d/.test(shown), `index: shows its offset ("${shown}") and rtt ("${await index.textContent("#rtt")}")`);
+
+  // The #bpm control sets the server's tempo.
+  await index.fill("#bpm", "137");
+  await index.dispatchEvent("#bpm", "change");
+  const s1 = await until("/stats bpm 137", async () => {
+    const s = await stats();
+    return s.bpm === 137 && s;
+  });
+  check(s1.bpm === 137, `index: #bpm change -> /stats bpm ${s1.bpm}`);
+  await until("the readout to show 137", async () => (await index.textContent("#bpmValue")) === "137");
+  ok("index: tempo readout follows (137)");
+
+  // Tap tempo: four taps 500 ms apart ask for 120 BPM. Tapped from inside the page, so that
+  // the test's own round trips do not move the taps.
+  await debug(index, async () => {
+    for (let i = 0; i < 4; i++) {
+      if (i) await new Promise((r) => setTimeout(r, 500));
+      document.getElementById("tap").dispatchEvent(new PointerEvent("pointerdown", { bubbles: true }));
+    }
+  });
+  const s2 = await until("/stats bpm near 120 after taps", async () => {
+    const s = await stats();
+    return s.bpm !== 137 && s;
+  });
+  check(Math.abs(s2.bpm - 120) < 5, `index: tap tempo, four taps 500 ms apart -> /stats bpm ${s2.bpm}`);
+  await index.fill("#bpm", "120");
+  await index.dispatchEvent("#bpm", "change");
+  await until("/stats bpm 120", async () => (await stats()).bpm === 120);
+
+  // Clients on the page come from /stats.
+  await until("clients shown", async () => Number(await index.textContent("#clients")) >= 1);
+  ok(`index: clients shown (${await index.textContent("#clients")})`);
+
+  // Transport: stop, then start on the next bar.
+  if (hasTransport) {
+    await index.click("#stop");
+    await until("transport stopped", () => debug(index, () => window.conductorDebug.conductor.transport?.state === "stopped"));
+    await until("the page to say stopped", async () => (await index.textContent("#transport")) === "stopped");
+    const st = await stats();
+    if (st.transport !== undefined) check(JSON.stringify(st.transport).includes("stopped"), `index: stop -> /stats transport ${JSON.stringify(st.transport)}`);
+    await sleep(300); // ticks already on the wire may still land
+    const a = Number(await index.textContent("#count"));
+    await sleep(500);
+    const b = Number(await index.textContent("#count"));
+    check(a === b, `index: stop button stops the ticks (#count stays ${a} -> ${b})`);
+    await index.selectOption("#quantize", "bar");
+    await index.click("#start");
+    await until("transport playing", () => debug(index, () => window.conductorDebug.conductor.transport?.state === "playing"));
+    const tr = await debug(index, () => window.conductorDebug.conductor.transport);
+    const perBar = hello.ppqn * (hello.beats_per_bar || 4);
+    check(tr.count % perBar === 0, `index: start quantised to a bar line (tick ${tr.count}, ${perBar} ticks a bar)`);
+    await until("ticks to resume", async () => Number(await index.textContent("#count")) > b, 5000);
+    await until("the page to say playing", async () => (await index.textContent("#transport")) === "playing", 5000);
+    ok("index: start button resumes the ticks");
+  } else {
+    console.log("skip transport checks: this server's hello has no `playing` (no transport support)");
+  }
+
+  // ---------------- the drum machine, twice ----------------
+  const drums = [];
+  for (const name of ["drums-a", "drums-b"]) {
+    const p = watch(await browser.newPage(), name);
+    await p.goto(base + "/drums.html");
+    drums.push(p);
+  }
+  for (const [i, p] of drums.entries()) {
+    await p.bringToFront(); // a background tab gets no animation frames
+    await until(`drums ${i} live`, async () => (await p.textContent("#status")) === "live");
+    const state = await until("the audio context to run", () => debug(p, () => window.conductorDebug.ctx?.state === "running" && "running"));
+    check(state === "running", `drums ${i}: AudioContext running`);
+    await until(`drums ${i} to schedule steps`, () => debug(p, () => window.conductorDebug.scheduled.length >= 8), 8000);
+    const sA = await debug(p, () => window.conductorDebug.currentStep);
+    await sleep(400);
+    const sB = await debug(p, () => window.conductorDebug.currentStep);
+    const lit = await p.locator(".steps button.now").count();
+    check(sA !== null && sB > sA && lit === 4, `drums ${i}: steps advance (${sA} -> ${sB}) and one column is lit (${lit} cells)`);
+    await until(`drums ${i}: twelve clock samples`, () => debug(p, () => window.conductorDebug.conductor._samples.length >= 12), 8000);
+    const off = await debug(p, () => window.conductorDebug.conductor.offset);
+    check(Math.abs(off) < 1, `drums ${i}: clock offset on loopback ${off.toFixed(3)} ms`);
+  }
+  // When will each scheduled step be heard, on this machine's clock? Worked out here from the
+  // AudioContext's own output timestamp, not the library's mapping: both pages share the machine's
+  // clock, so the same step must come out of both at the same instant, and at its tick's instant.
+  // Steps scheduled from now on: the first ones a page schedules use its first clock samples.
+  const since = await debug(drums[1], () => window.conductorDebug.conductor.serverNow());
+  await sleep(1000);
+  const heard = (p) =>
+    debug(p, (since) => {
+      const d = window.conductorDebug;
+      const ts = d.ctx.getOutputTimestamp();
+      // The last scheduling of each step counts: a step may be taken back and scheduled again.
+      const last = new Map(d.scheduled.map((s) => [s.count, s]));
+      return [...last.values()].filter((s) => s.time > since).map((s) => ({
+        count: s.count,
+        step: s.step,
+        time: s.time,
+        local: performance.timeOrigin + ts.performanceTime + (s.when - ts.contextTime) * 1000,
+      }));
+    }, since);
+  const [la, lb] = [await heard(drums[0]), await heard(drums[1])];
+  for (const [i, l] of [la, lb].entries()) {
+    const worst = Math.max(...l.map((s) => Math.abs(s.local - s.time)));
+    check(l.length >= 4 && worst < 1, `drums ${i}: ${l.length} steps will sound at their ticks' instants (worst ${worst.toFixed(3)} ms off)`);
+  }
+  const byCount = new Map(la.map((s) => [s.count, s]));
+  const common = lb.filter((s) => byCount.has(s.count));
+  const maxDiff = Math.max(...common.map((s) => Math.abs(s.local - byCount.get(s.count).local)));
+  const sameStep = common.every((s) => s.step === byCount.get(s.count).step);
+  check(
+    common.length >= 4 && sameStep && maxDiff < 1,
+    `drums: two pages, ${common.length} common steps, same step numbers, sounding within ${maxDiff.toFixed(3)} ms of each other`,
+  );
+  // Editing the pattern: a click toggles the cell and the pattern is kept.
+  const cell = drums[0].locator('button[aria-label="Snare step 2"]');
+  const before = await cell.getAttribute("aria-pressed");
+  await cell.click();
+  const after = await cell.getAttribute("aria-pressed");
+  const saved = await debug(drums[0], () => localStorage.getItem("conductorDrums"));
+  check(before !== after && saved && JSON.parse(saved).snare[1] === (after === "true" ? "x" : "."), `drums: clicking a step toggles it (${before} -> ${after}) and saves the pattern`);
+  await cell.click();
+
+  // ---------------- screenshots ----------------
+  await sleep(1000); // a few more points on the plot
+  await index.screenshot({ path: join(shots, "index.png"), fullPage: true });
+  await drums[0].screenshot({ path: join(shots, "drums.png"), fullPage: true });
+  for (const [name, page] of [["index", index], ["drums", drums[0]]]) {
+    await page.setViewportSize({ width: 390, height: 844 });
+    await sleep(400);
+    await page.screenshot({ path: join(shots, `${name}-phone.png`), fullPage: true });
+  }
+  ok("screenshots: index.png, drums.png, index-phone.png, drums-phone.png");
+
+  // Last: nothing went wrong on any page along the way.
+  check(problems.length === 0, `no console errors or uncaught exceptions on any page${problems.length ? ":\n  " + problems.join("\n  ") : ""}`);
+} catch (e) {
+  fail(`${e.message}`);
+  if (problems.length) console.log("  page problems so far:\n  " + problems.join("\n  "));
+} finally {
+  await browser.close();
+  rmSync(profile, { recursive: true, force: true });
+  clearTimeout(watchdog);
+}
+console.log(`${failures ? "FAILED" : "passed"}: ${failures} failed check(s) in ${elapsed()}`);
+process.exit(failures ? 1 : 0);
