@@ -1,8 +1,9 @@
 //! The pages in a real browser: headless Chromium (Debian's `chromium`) driven by
 //! `playwright-core` from npm, through `tests/browser/run.mjs`, against the real binary. It
 //! checks both pages for console errors, live ticks, the `#bpm` control against `/stats`, tap
-//! tempo, start/stop, the library's clock offset on loopback, and two drum machines scheduling
-//! the same step for the same instant; it leaves screenshots in `tests/browser/screenshots/`.
+//! tempo, start/stop, the library's clock offset on loopback, two drum machines scheduling the
+//! same step for the same instant, and the token form against a second server that wants a
+//! control token; it leaves screenshots in `tests/browser/screenshots/`.
 //!
 //! Without `/usr/bin/chromium` (or `$CHROMIUM`) or `node`, the test fails when `CI` is set and
 //! is skipped, loudly, otherwise. `.ci/run` installs both.
@@ -50,10 +51,13 @@ fn pages_work_in_headless_chromium() {
     }
 
     let server = Server::start(&[]);
+    let guarded = Server::start(&["--control-token", "browser-test-token"]);
     let started = Instant::now();
     let out = Command::new("node")
         .arg(dir.join("run.mjs"))
         .arg(format!("http://127.0.0.1:{}", server.port))
+        .arg(format!("http://127.0.0.1:{}", guarded.port))
+        .arg("browser-test-token")
         .env("CHROMIUM", &chromium)
         .output()
         .expect("run node tests/browser/run.mjs");

@@ -1,6 +1,9 @@
 // Loads conductor's pages in real headless Chromium and checks them against a running server.
 //
-//   node tests/browser/run.mjs http://127.0.0.1:3000
+//   node tests/browser/run.mjs http://127.0.0.1:3000 [http://127.0.0.1:3001 TOKEN]
+//
+// The optional second server runs with --control-token TOKEN: the control page must ask for the
+// token before it lets anyone change the tempo.
 //
 // Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
 // check prints one line. Screenshots go to tests/browser/screenshots/. CHROMIUM overrides the
@@ -13,6 +16,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const base = (process.argv[2] || "http://127.0.0.1:3000").replace(/\/$/, "");
+const [tokenBase, token] = [process.argv[3], process.argv[4]];
 const shots = fileURLToPath(new URL("./screenshots/", import.meta.url));
 mkdirSync(shots, { recursive: true });
 const started = Date.now();
@@ -41,8 +45,8 @@ async function until(what, fn, timeoutMs = 5000) {
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
 }
-async function stats() {
-  const r = await fetch(base + "/stats");
+async function stats(at = base) {
+  const r = await fetch(at + "/stats");
   return r.json();
 }
 
@@ -233,6 +237,28 @@ try {
   const saved = await debug(drums[0], () => localStorage.getItem("conductorDrums"));
   check(before !== after && saved && JSON.parse(saved).snare[1] === (after === "true" ? "x" : "."), `drums: clicking a step toggles it (${before} -> ${after}) and saves the pattern`);
   await cell.click();
+
+  // ---------------- a server that wants a control token ----------------
+  if (tokenBase) {
+    const guarded = watch(await browser.newPage(), "index (token)");
+    await guarded.goto(tokenBase + "/");
+    await until("the token page to say live", async () => (await guarded.textContent("#status")) === "live");
+    check(
+      (await guarded.isVisible("#tokenForm")) && (await guarded.isDisabled("#bpm")) && (await guarded.isDisabled("#start")),
+      "token: the page asks for the control token and disables the controls",
+    );
+    await guarded.fill("#token", token);
+    await guarded.click('#tokenForm button[type="submit"]');
+    await until("the controls to be enabled", async () => !(await guarded.isDisabled("#bpm")));
+    await guarded.fill("#bpm", "99");
+    await guarded.dispatchEvent("#bpm", "change");
+    const s3 = await until("/stats bpm 99 on the token server", async () => {
+      const s = await stats(tokenBase);
+      return s.bpm === 99 && s;
+    });
+    check(!(await guarded.isVisible("#tokenForm")) && s3.bpm === 99, "token: with the token the page sets the tempo (/stats bpm 99)");
+    await guarded.close();
+  }
 
   // ---------------- screenshots ----------------
   await sleep(1000); // a few more points on the plot
