@@ -107,6 +107,20 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_SPIN_US", default_value_t = 2000)]
     pub spin_us: u64,
 
+    /// Share one timeline with every instance started with the same Redis URL and
+    /// --cluster-name (e.g. redis://10.0.0.5:6379/). Without it no Redis code runs.
+    #[arg(long, env = "CONDUCTOR_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// Which shared timeline to join on that Redis.
+    #[arg(long, env = "CONDUCTOR_CLUSTER_NAME", default_value = "default")]
+    pub cluster_name: String,
+
+    /// How far ahead a tempo or transport change is scheduled in a cluster, so that every
+    /// instance hears of it before its first affected tick.
+    #[arg(long, env = "CONDUCTOR_CLUSTER_LEAD_MS", default_value_t = 250)]
+    pub cluster_lead_ms: u64,
+
     /// Do not lock the process's memory (mlockall).
     #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
     pub no_mlock: bool,
@@ -137,6 +151,8 @@ pub struct Config {
     pub prewake: Duration,
     pub spin: Duration,
     pub mlock: bool,
+    /// Redis URL, cluster name and change lead, when clustered.
+    pub cluster: Option<(String, String, Duration)>,
 }
 
 /// A setting that cannot work, with what to do about it.
@@ -180,6 +196,12 @@ pub enum ConfigError {
     BadPrewake(u64),
     #[error("--spin-us {0} is out of range; use 0 to 10000")]
     BadSpin(u64),
+    #[error("--cluster {0:?} is not a Redis URL; give redis://HOST[:PORT][/DB]")]
+    BadClusterUrl(String),
+    #[error("--cluster-name must be 1 to 64 letters, digits, '-', '_' or '.'")]
+    BadClusterName,
+    #[error("--cluster-lead-ms {0} is out of range; use 10 to 10000")]
+    BadClusterLead(u64),
 }
 
 fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
@@ -262,6 +284,35 @@ impl Cli {
         if self.spin_us > 10_000 {
             return Err(ConfigError::BadSpin(self.spin_us));
         }
+        let cluster = match &self.cluster {
+            None => None,
+            Some(url) => {
+                // Plain TCP only: the redis crate is built without TLS (see README).
+                let valid = url
+                    .strip_prefix("redis://")
+                    .is_some_and(|rest| !rest.is_empty());
+                if !valid {
+                    return Err(ConfigError::BadClusterUrl(url.clone()));
+                }
+                let name = &self.cluster_name;
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(ConfigError::BadClusterName);
+                }
+                if !(10..=10_000).contains(&self.cluster_lead_ms) {
+                    return Err(ConfigError::BadClusterLead(self.cluster_lead_ms));
+                }
+                Some((
+                    url.clone(),
+                    name.clone(),
+                    Duration::from_millis(self.cluster_lead_ms),
+                ))
+            }
+        };
         Ok(Config {
             port: self.port,
             bind: self.bind,
@@ -284,6 +335,7 @@ impl Cli {
             prewake: Duration::from_micros(self.prewake_us),
             spin: Duration::from_micros(self.spin_us),
             mlock: !self.no_mlock,
+            cluster,
         })
     }
 }

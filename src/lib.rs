@@ -22,6 +22,7 @@
 
 pub mod assets;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod engineio;

@@ -241,6 +241,10 @@ pub enum ClientError {
     BadPing,
     #[error("start's quantize must be \"bar\", \"beat\" or \"none\"")]
     BadQuantize,
+    #[error(
+        "the cluster's Redis is unreachable: tempo and transport stay as they are until it is back (ticks go on)"
+    )]
+    ClusterUnavailable,
     #[error("malformed Socket.IO packet: {0}")]
     BadPacket(String),
     #[error("binary frames are not part of this protocol; send JSON text frames")]
@@ -267,6 +271,7 @@ impl ClientError {
             ClientError::BadPing => "invalid_ping",
             ClientError::BadQuantize => "invalid_quantize",
             ClientError::BadPacket(_) => "invalid_packet",
+            ClientError::ClusterUnavailable => "cluster_unavailable",
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
             ClientError::RateLimited(_) => "rate_limited",

@@ -37,6 +37,10 @@ use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
+use crate::cluster::{
+    ClusterConfig, ClusterEvent, ClusterEvents, ClusterRequest, ClusterStatus, ClusterThread,
+    SharedTimeline,
+};
 use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, SioLink, State, WsRead};
 use crate::engineio::{self, EioError, Packet, SioPacket, Transport as EioTransport};
@@ -105,6 +109,20 @@ pub enum ServerError {
     Timing(io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("cannot start the cluster thread: {0}; check --cluster")]
+    Cluster(io::Error),
+}
+
+/// How long `bind` waits for a cluster's timeline before starting on its own.
+const CLUSTER_JOIN_WAIT: Duration = Duration::from_secs(3);
+
+/// The loop's side of a cluster (`--cluster`).
+struct ClusterLink {
+    thread: ClusterThread,
+    events: ClusterEvents,
+    status: ClusterStatus,
+    /// The shared timeline last adopted.
+    shared: Option<SharedTimeline>,
 }
 
 pub struct Server {
@@ -148,6 +166,8 @@ pub struct Server {
     eio_ping: SharedFrame,
     /// Events polled in the pauses of a fan-out.
     fanout_events: Option<Events>,
+    /// Set with `--cluster`: tempo and transport then go through the shared timeline.
+    cluster: Option<ClusterLink>,
     accept_paused_until: Option<Instant>,
     fd_limit_logged: bool,
     shutdown_by: Option<Instant>,
@@ -182,18 +202,34 @@ impl Server {
             prewake: cfg.prewake,
             spin: cfg.spin,
         };
+        let (mut cluster, joined) = match &cfg.cluster {
+            None => (None, None),
+            Some((url, name, lead)) => {
+                let (link, joined) = join_cluster(&cfg, url, name, *lead, clock, &waker)?;
+                (Some(link), joined)
+            }
+        };
+        let initial = joined.map(|shared| shared.schedule(&clock));
         let (timing, mut timing_events) =
-            TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime)
+            TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime, initial)
                 .map_err(ServerError::Timing)?;
         let schedule = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
+        let transport = joined.map_or(Transport::playing(), |s| s.transport());
+        let transport_at_ns = joined.map_or(schedule.anchor_ns(), |s| {
+            local_ns(&clock, s.unix_ns_of(s.transport_count))
+        });
+        if let Some(link) = cluster.as_mut() {
+            link.shared = joined;
+        }
         Ok(Server {
-            bpm: cfg.bpm,
-            requested_bpm: cfg.bpm,
+            bpm: schedule.bpm(),
+            requested_bpm: schedule.bpm(),
             control_changes: RateLimit::new(MAX_CONTROL_CHANGES_PER_SEC),
             next_count: 0,
             schedule,
-            transport: Transport::playing(),
-            transport_at_ns: schedule.anchor_ns(),
+            transport,
+            transport_at_ns,
+            cluster,
             timeline: Outgoing {
                 name: "timeline",
                 data: String::new(),
@@ -268,6 +304,7 @@ impl Server {
                 return Err(ServerError::Poll(e));
             }
             self.drain_timing();
+            self.drain_cluster();
             for event in events.iter() {
                 match event.token() {
                     WAKER => {}
@@ -1163,6 +1200,18 @@ impl Server {
             {
                 Err(ClientError::Unauthorized)
             }
+            ClientMessage::Start(_) | ClientMessage::Stop if self.cluster.is_some() => {
+                let (state, request) = match message {
+                    ClientMessage::Start(q) => (TransportState::Playing, ClusterRequest::Start(q)),
+                    _ => (TransportState::Stopped, ClusterRequest::Stop),
+                };
+                if state == self.transport.state() {
+                    let confirm = protocol::transport(&self.transport_data());
+                    self.reply(peer, &confirm);
+                    return Ok(());
+                }
+                self.ask_cluster(request)
+            }
             ClientMessage::Start(quantize) => {
                 self.change_transport(peer, TransportState::Playing, quantize)
             }
@@ -1177,6 +1226,11 @@ impl Server {
                     self.reply(peer, &protocol::bpm_change(bpm));
                     return Ok(());
                 }
+                if self.cluster.is_some() {
+                    self.ask_cluster(ClusterRequest::SetBpm(bpm))?;
+                    self.requested_bpm = bpm;
+                    return Ok(());
+                }
                 // Every change is a write to every client; cap them server-wide.
                 if self.control_changes.check(Instant::now()) != Rate::Allow {
                     return Err(ClientError::Busy);
@@ -1187,6 +1241,84 @@ impl Server {
                 self.requested_bpm = bpm;
                 Ok(())
             }
+        }
+    }
+
+    /// Hands a tempo or transport change to the cluster thread, which writes it to the shared
+    /// timeline; it comes back (here and on every other instance) as an `Adopt`.
+    fn ask_cluster(&mut self, request: ClusterRequest) -> Result<(), ClientError> {
+        let Some(link) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        if !link.status.connected {
+            return Err(ClientError::ClusterUnavailable);
+        }
+        if self.control_changes.check(Instant::now()) != Rate::Allow || !link.thread.send(request) {
+            return Err(ClientError::Busy);
+        }
+        Ok(())
+    }
+
+    /// Takes what the cluster thread reports: status, and timelines to adopt.
+    fn drain_cluster(&mut self) {
+        loop {
+            let Some(link) = self.cluster.as_mut() else {
+                return;
+            };
+            let Ok(event) = link.events.pop() else {
+                return;
+            };
+            match event {
+                ClusterEvent::Status(status) => link.status = status,
+                ClusterEvent::Adopt(shared) => self.adopt(shared),
+            }
+        }
+    }
+
+    /// Follows a shared timeline: the tempo through the timing thread (which announces it
+    /// back as a `Tempo`), the transport here.
+    fn adopt(&mut self, shared: SharedTimeline) {
+        if shared.ppqn != self.cfg.ppqn || shared.bpm_milli == 0 {
+            warn!(
+                "cluster: ignoring timeline version {} with ppqn {} (ours is {}); give every \
+                 instance the same --ppqn",
+                shared.version, shared.ppqn, self.cfg.ppqn
+            );
+            return;
+        }
+        if let Some(link) = self.cluster.as_mut() {
+            if link.shared == Some(shared) {
+                return;
+            }
+            link.shared = Some(shared);
+        }
+        let schedule = shared.schedule(&self.clock);
+        if schedule != self.schedule {
+            self.requested_bpm = shared.bpm();
+            // The ring holds 64 commands; the loop sends one per adopted change.
+            if !self.timing.send(TimingCommand::Adopt(schedule)) {
+                warn!(
+                    "cluster: timing thread busy; timeline version {} late",
+                    shared.version
+                );
+            }
+        }
+        let transport = shared.transport();
+        if transport != self.transport {
+            self.transport = transport;
+            self.transport_at_ns = local_ns(&self.clock, shared.unix_ns_of(shared.transport_count));
+            info!(
+                "transport {} from tick {} (cluster v{})",
+                transport.state(),
+                transport.from_count(),
+                shared.version
+            );
+            self.stats.transport_changes += 1;
+            let announce = protocol::transport(&self.transport_data());
+            self.refresh_timeline();
+            let timeline = self.timeline.clone();
+            self.broadcast(announce);
+            self.broadcast(timeline);
         }
     }
 
@@ -1573,9 +1705,77 @@ impl Server {
             transport_count: self.transport.from_count(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.dropped_ticks(),
+            cluster: self.cluster.as_ref().map(|l| l.status),
             stats: &self.stats,
         }
     }
+}
+
+/// A unix instant on `clock`'s monotonic axis (0 for instants before its epoch).
+fn local_ns(clock: &Clock, unix_ns: u64) -> u64 {
+    unix_ns.saturating_sub(clock.unix_ns(0))
+}
+
+/// Starts the cluster thread and waits (briefly) for the shared timeline, so that a joining
+/// instance's first tick is already in phase with the others. Without an answer in time it
+/// starts on its own timeline and adopts the shared one once Redis answers.
+fn join_cluster(
+    cfg: &Config,
+    url: &str,
+    name: &str,
+    lead: Duration,
+    clock: Clock,
+    waker: &Arc<Waker>,
+) -> Result<(ClusterLink, Option<SharedTimeline>), ServerError> {
+    let own = TickSchedule::new(cfg.bpm, cfg.ppqn, clock.now_ns() + 1_000_000);
+    let cluster_cfg = ClusterConfig {
+        url: url.to_string(),
+        name: name.to_string(),
+        lead,
+        start_lead: Duration::from_nanos(START_LEAD_NS),
+        beats_per_bar: cfg.beats_per_bar,
+    };
+    let (thread, mut events) = ClusterThread::spawn(
+        cluster_cfg,
+        SharedTimeline::from_schedule(&own, &clock),
+        Arc::clone(waker),
+    )
+    .map_err(ServerError::Cluster)?;
+    let mut status = ClusterStatus::default();
+    let mut joined = None;
+    let give_up = Instant::now() + CLUSTER_JOIN_WAIT;
+    while joined.is_none() && Instant::now() < give_up {
+        match events.pop() {
+            Ok(ClusterEvent::Adopt(shared)) if shared.ppqn == cfg.ppqn => joined = Some(shared),
+            Ok(ClusterEvent::Adopt(shared)) => {
+                warn!(
+                    "cluster {name}: its timeline has ppqn {}, ours {}; starting on our own",
+                    shared.ppqn, cfg.ppqn
+                );
+                break;
+            }
+            Ok(ClusterEvent::Status(s)) => status = s,
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    match joined {
+        Some(shared) => info!(
+            "cluster {name}: joined timeline version {} at {} BPM",
+            shared.version,
+            shared.bpm()
+        ),
+        None => warn!(
+            "cluster {name}: no timeline from Redis within {} s; ticking on our own until it answers",
+            CLUSTER_JOIN_WAIT.as_secs()
+        ),
+    }
+    let link = ClusterLink {
+        thread,
+        events,
+        status,
+        shared: None,
+    };
+    Ok((link, joined))
 }
 
 fn key_of(peer: Peer) -> usize {

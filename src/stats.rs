@@ -299,6 +299,8 @@ pub struct Snapshot<'a> {
     pub uptime_s: f64,
     /// Ticks the timing thread could not hand to a stalled loop.
     pub dropped_ticks: u64,
+    /// With `--cluster`: Redis, peers, timeline version, last change's lead.
+    pub cluster: Option<crate::cluster::ClusterStatus>,
     pub stats: &'a ServerStats,
 }
 
@@ -334,6 +336,12 @@ pub fn stats_json(s: &Snapshot) -> String {
         "closed": closed,
         "refused": refused,
         "healthy": st.degraded().is_none(),
+        "cluster": s.cluster.map(|c| json!({
+            "connected": c.connected,
+            "peers": c.peers,
+            "version": c.version,
+            "last_lead_ms": c.last_lead_ms,
+        })),
         "version": env!("CARGO_PKG_VERSION"),
     });
     doc.to_string()
@@ -469,6 +477,37 @@ pub fn metrics_text(s: &Snapshot) -> String {
         "Tick deadline to the last byte handed to the kernel.",
         &st.fanout.summary(),
     );
+    if let Some(c) = s.cluster {
+        for (name, help, value) in [
+            (
+                "cluster_connected",
+                "1 while the cluster's Redis answers.",
+                f64::from(u8::from(c.connected)),
+            ),
+            (
+                "cluster_peers",
+                "Instances with a recent heartbeat, this one included.",
+                c.peers as f64,
+            ),
+            (
+                "cluster_timeline_version",
+                "Version of the shared timeline followed.",
+                c.version as f64,
+            ),
+        ] {
+            metric(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "conductor_{name} {value}");
+        }
+        if let Some(ms) = c.last_lead_ms {
+            metric(
+                &mut out,
+                "cluster_last_lead_seconds",
+                "gauge",
+                "For the last shared change: its effective instant minus when this instance heard of it.",
+            );
+            let _ = writeln!(out, "conductor_cluster_last_lead_seconds {}", ms / 1000.0);
+        }
+    }
     metric(
         &mut out,
         "protocol_clients",
@@ -540,6 +579,7 @@ mod tests {
             transport_count: 0,
             uptime_s: 5.25,
             dropped_ticks: 0,
+            cluster: None,
             stats,
         }
     }

@@ -43,6 +43,11 @@ impl Bpm {
         Some(Bpm(milli as u32))
     }
 
+    /// A tempo from thousandths of a BPM (at least 0.001).
+    pub const fn from_milli(milli: u32) -> Bpm {
+        Bpm(if milli == 0 { 1 } else { milli })
+    }
+
     /// A whole-number tempo.
     pub const fn whole(bpm: u32) -> Bpm {
         Bpm(bpm * Self::SCALE)
@@ -102,6 +107,18 @@ impl TickSchedule {
         TickSchedule {
             anchor_count: 0,
             anchor_ns: start_ns,
+            bpm,
+            ppqn,
+        }
+    }
+
+    /// A schedule whose tick `anchor_count` falls at `anchor_ns` (a timeline adopted from
+    /// elsewhere, e.g. a cluster's).
+    pub fn anchored(bpm: Bpm, ppqn: u32, anchor_count: u64, anchor_ns: u64) -> TickSchedule {
+        assert!(ppqn > 0, "ppqn must be positive");
+        TickSchedule {
+            anchor_count,
+            anchor_ns,
             bpm,
             ppqn,
         }

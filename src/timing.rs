@@ -70,6 +70,10 @@ pub enum TimingEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimingCommand {
     SetTempo(Bpm),
+    /// Follow this schedule from its anchor on (a cluster's shared timeline). An anchor still
+    /// ahead waits for its count; one already reached applies at once, and the count jumps
+    /// forward to the schedule's present if it was behind (it never goes back).
+    Adopt(TickSchedule),
     Stop,
 }
 
@@ -99,13 +103,15 @@ pub type TimingEvents = Consumer<TimingEvent>;
 
 impl TimingThread {
     /// Starts the thread. Tick 0 is due one millisecond from now, giving the loop time to reach
-    /// `poll` first.
+    /// `poll` first; or, given a `timeline` to join, its first tick at least a millisecond
+    /// from now.
     pub fn spawn(
         bpm: Bpm,
         ppqn: u32,
         clock: Clock,
         waker: Arc<Waker>,
         realtime: Realtime,
+        timeline: Option<TickSchedule>,
     ) -> io::Result<(TimingThread, TimingEvents)> {
         let (commands, command_rx) = RingBuffer::new(COMMAND_RING);
         let (events_tx, events) = RingBuffer::new(EVENT_RING);
@@ -120,6 +126,7 @@ impl TimingThread {
             waker,
             dropped: Arc::clone(&dropped),
             next: 0,
+            pending: None,
             last_deadline: None,
             prewake_ns: u64::try_from(realtime.prewake.as_nanos()).unwrap_or(0),
             spin: realtime.spin,
@@ -132,7 +139,14 @@ impl TimingThread {
                 apply_realtime(realtime);
                 // Tick 0 is due 1 ms from now: counted from here, thread start-up and the
                 // priority change cannot make it late.
-                ticker.schedule = TickSchedule::new(bpm, ppqn, ticker.clock.now_ns() + 1_000_000);
+                let first_ns = ticker.clock.now_ns() + 1_000_000;
+                match timeline {
+                    Some(schedule) => {
+                        ticker.schedule = schedule;
+                        ticker.next = schedule.first_count_at_or_after(first_ns);
+                    }
+                    None => ticker.schedule = TickSchedule::new(bpm, ppqn, first_ns),
+                }
                 ticker.emit(TimingEvent::Started(ticker.schedule));
                 ticker.run();
             })?;
@@ -195,6 +209,8 @@ struct Ticker {
     dropped: Arc<AtomicU64>,
     /// The count of the next tick to emit.
     next: u64,
+    /// An adopted schedule whose anchor is still ahead: it takes over at its anchor count.
+    pending: Option<TickSchedule>,
     /// The deadline of the last tick emitted: where a tempo change re-anchors.
     last_deadline: Option<u64>,
     prewake_ns: u64,
@@ -214,6 +230,12 @@ impl Ticker {
             let spin_ns =
                 (self.spin.as_nanos() as f64).min(self.schedule.interval_ns() / 4.0) as u32;
             let sleeper = SpinSleeper::new(spin_ns).with_spin_strategy(SpinStrategy::SpinLoopHint);
+            if let Some(pending) = self.pending
+                && self.next >= pending.anchor_count()
+            {
+                self.schedule = pending;
+                self.pending = None;
+            }
             let deadline = self.schedule.deadline_ns(self.next);
             let now = self.clock.now_ns();
             if deadline > now + coarse_ns {
@@ -260,6 +282,17 @@ impl Ticker {
         while let Ok(command) = self.commands.pop() {
             match command {
                 TimingCommand::Stop => return false,
+                TimingCommand::Adopt(schedule) => {
+                    if schedule.anchor_count() > self.next {
+                        self.pending = Some(schedule);
+                    } else {
+                        self.pending = None;
+                        self.schedule = schedule;
+                        let present = schedule.first_count_at_or_after(self.clock.now_ns());
+                        self.next = self.next.max(present);
+                    }
+                    self.emit(TimingEvent::Tempo(schedule));
+                }
                 TimingCommand::SetTempo(bpm) => {
                     // The loop filters out requests for the tempo it already asked for, but a
                     // change and its reversal can both be queued; the reversal re-anchors

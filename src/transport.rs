@@ -81,6 +81,15 @@ impl Transport {
         }
     }
 
+    /// A transport as stored elsewhere (a cluster's shared timeline).
+    pub fn from_parts(before: TransportState, state: TransportState, from_count: u64) -> Transport {
+        Transport {
+            before,
+            state,
+            from_count,
+        }
+    }
+
     /// The state that holds from [`Self::from_count`] on (possibly a change still pending).
     pub fn state(&self) -> TransportState {
         self.state

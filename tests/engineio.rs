@@ -286,12 +286,12 @@ fn websocket_upgrade_takes_the_session_over() {
     ws.send_text("5");
     let mut counts = Vec::new();
     while counts.len() < 4 {
-        if let Message::Text(t) = ws.ws.read().expect("read") {
-            if let Some(json) = t.strip_prefix("42") {
-                let v: Value = serde_json::from_str(json).unwrap();
-                if v[0] == "tick" {
-                    counts.push(v[1]["count"].as_u64().unwrap());
-                }
+        if let Message::Text(t) = ws.ws.read().expect("read")
+            && let Some(json) = t.strip_prefix("42")
+        {
+            let v: Value = serde_json::from_str(json).unwrap();
+            if v[0] == "tick" {
+                counts.push(v[1]["count"].as_u64().unwrap());
             }
         }
     }
