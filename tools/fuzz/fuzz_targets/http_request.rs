@@ -12,7 +12,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(req.head_len <= http::MAX_HEAD_BYTES);
             let _ = http::route(&req.method, &req.path);
             let _ = http::check_upgrade(&req);
-            let _ = http::origin_allowed(&req, &["https://stage.example".to_string()]);
+            let allowed = ["https://stage.example".to_string()];
+            let _ = http::origin_allowed(&req, &allowed);
+            if let Some(cors) = http::cors_headers(&req, &allowed) {
+                // Echoed headers must never carry a line break into the response.
+                assert!(cors.iter().all(|h| !h.contains('\r') && !h.contains('\n')));
+            }
+            match http::body_length(&req) {
+                Ok(n) => assert!(n <= http::MAX_BODY_BYTES),
+                Err(e) => assert!(matches!(e.status(), 400 | 411 | 413)),
+            }
             if let Some(token) = http::presented_token(&req) {
                 let _ = http::tokens_match(&token, "s3cret");
             }
