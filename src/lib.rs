@@ -1,24 +1,32 @@
 //! conductor: a drift-free tempo server that fans every tick out over WebSocket.
 //!
 //! ```text
-//!                      commands (setBpm)            rtrb ring
+//!                      commands (setBpm, Adopt)     rtrb ring
 //!   ┌───────────────┐ ◀──────────────────── ┌────────────────────────────────────────┐
 //!   │ timing thread │                       │ event loop (mio::Poll, one thread)     │
-//!   │ TickSchedule  │ ────────────────────▶ │  accept · HTTP (httparse) · /ws        │
-//!   │ spin_sleep to │  TimingEvent ring     │  drain ticks → encode frame once →     │
-//!   │ epoch + n·T   │  + mio::Waker         │  Arc<[u8]> into every OutQueue → write │
-//!   └───────────────┘                       └───────────────┬────────────────────────┘
-//!     SCHED_FIFO if allowed                                 │ tungstenite context per
-//!                                                           ▼ connection (reads, pongs, close)
-//!                                              Slab<Connection>: Http → Open → Closing → Done
+//!   │ TickSchedule  │ ────────────────────▶ │  accept · HTTP (httparse) · /ws ·      │
+//!   │ spin_sleep to │  TimingEvent ring     │  /socket.io/ (websocket + polling)     │
+//!   │ epoch + n·T   │  + mio::Waker         │  drain ticks → encode once per         │
+//!   └───────────────┘                       │  protocol → Arc<[u8]> into every       │
+//!     SCHED_FIFO if allowed                 │  OutQueue / polling session → write    │
+//!                                           └───────▲───────────────┬────────────────┘
+//!   ┌────────────────┐  ClusterEvent ring + Waker   │               │ tungstenite context per
+//!   │ cluster thread │ ─────────────────────────────┘               ▼ connection (reads, close)
+//!   │ (--cluster):   │ ◀── ClusterRequest ring ──   Slab<Connection>: Http → Open → Closing → Done
+//!   │ Redis, sync API│                                     └─ Parked (a long-poll GET)
+//!   └────────────────┘                              Slab<PollSession>: Socket.IO long-polling
 //! ```
 //!
 //! * [`tempo`] is the pure tempo math: tick *n* is due at `anchor + floor(k · 60e9/(bpm·ppqn))`
-//!   nanoseconds, so nothing accumulates.
+//!   nanoseconds, so nothing accumulates. [`transport`] is the pure start/stop rule.
 //! * [`timing`] is the only thread that decides when a tick happens. It never touches a socket.
-//! * [`server`] is the only thread that touches sockets. It never sleeps or computes tick times.
-//! * [`protocol`] and [`http`] are pure encode/decode and routing; [`connection`] is one client's
-//!   state machine; [`stats`] is what the loop measures and reports.
+//! * [`server`] is the only thread that touches client sockets. It never sleeps or computes tick
+//!   times; it keeps a copy of the schedule to tell clients the timeline.
+//! * [`protocol`], [`engineio`] and [`http`] are pure encode/decode and routing; [`connection`]
+//!   is one socket's state machine and [`session`] one long-polling client's; [`stats`] is what
+//!   the loop measures and reports.
+//! * [`cluster`] exists only with `--cluster`: a thread that shares the timeline with other
+//!   instances through Redis and hands the loop timelines to adopt.
 
 pub mod assets;
 pub mod clock;
