@@ -186,11 +186,13 @@ pub enum SioPacket {
     Connect { nsp: String, auth: Option<Value> },
     /// `1[/nsp,]`.
     Disconnect { nsp: String },
-    /// `2[/nsp,][ack]["name",data...]`: the event's name and its first argument.
+    /// `2[/nsp,][ack]["name",data...]`: the event's name and its first argument, and the id
+    /// to acknowledge it with when the client passed a callback.
     Event {
         nsp: String,
         name: String,
         data: Option<Value>,
+        ack: Option<u64>,
     },
     /// An acknowledgement of something we sent; we ask for none, so it is ignored.
     Ack,
@@ -227,6 +229,8 @@ pub fn decode_sio(text: &str) -> Result<SioPacket, SioError> {
         rest = rest.get(end + 1..).unwrap_or("");
     }
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    // An id too long for u64 is no id a client could match; such an event gets no ack.
+    let ack = rest[..digits].parse::<u64>().ok();
     rest = &rest[digits..];
     let payload = if rest.is_empty() {
         None
@@ -249,7 +253,12 @@ pub fn decode_sio(text: &str) -> Result<SioPacket, SioError> {
             let Value::String(name) = args.swap_remove(0) else {
                 return Err(SioError::BadEvent);
             };
-            Ok(SioPacket::Event { nsp, name, data })
+            Ok(SioPacket::Event {
+                nsp,
+                name,
+                data,
+                ack,
+            })
         }
     }
 }
@@ -267,6 +276,12 @@ pub fn connect_error(nsp: &str, message: &str) -> String {
         format!("{nsp},")
     };
     format!("44{prefix}{}", json!({ "message": message }))
+}
+
+/// An acknowledgement of event `id` with one argument, as an Engine.IO message:
+/// `43<id>[<arg>]`, `arg` already JSON.
+pub fn ack(id: u64, arg_json: &str) -> String {
+    format!("43{id}[{arg_json}]")
 }
 
 /// An event as an Engine.IO message: `42["name",data]`, with `data` already JSON.
@@ -407,7 +422,8 @@ mod tests {
             Ok(SioPacket::Event {
                 nsp: "/".into(),
                 name: "setBpm".into(),
-                data: Some(json!(140))
+                data: Some(json!(140)),
+                ack: None
             })
         );
         // With an ack id, and without data.
@@ -416,7 +432,8 @@ mod tests {
             Ok(SioPacket::Event {
                 nsp: "/".into(),
                 name: "stop".into(),
-                data: None
+                data: None,
+                ack: Some(12)
             })
         );
         assert_eq!(
@@ -450,6 +467,7 @@ mod tests {
             r#"44/admin,{"message":"Invalid namespace"}"#
         );
         assert_eq!(event("bpmChange", "140"), r#"42["bpmChange",140]"#);
+        assert_eq!(ack(7, r#"{"ok":true}"#), r#"437[{"ok":true}]"#);
     }
 
     #[test]

@@ -550,6 +550,15 @@ impl Server {
                 404,
                 http::text_error(404, "no such page; try /, /ws or /socket.io/"),
             ),
+            Route::MethodNotAllowed if req.path.starts_with("/socket.io") => (
+                405,
+                http::response_with(
+                    405,
+                    "text/plain; charset=utf-8",
+                    &["Allow: GET, POST, OPTIONS"],
+                    b"405 Method Not Allowed: /socket.io/ takes GET, POST and OPTIONS\n",
+                ),
+            ),
             Route::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
         };
         let (status, bytes) = response;
@@ -996,7 +1005,12 @@ impl Server {
             SioPacket::Disconnect { .. } => {
                 self.set_joined(peer, false, false);
             }
-            SioPacket::Event { nsp, name, data } => {
+            SioPacket::Event {
+                nsp,
+                name,
+                data,
+                ack,
+            } => {
                 if nsp != "/" || !self.joined(peer) {
                     // Not connected to that namespace: Socket.IO drops such events too.
                     return;
@@ -1007,9 +1021,24 @@ impl Server {
                 };
                 let result = protocol::decode_event(&name, data.as_ref())
                     .and_then(|m| self.on_client_message(peer, m, may_control, received_ns));
-                if let Err(err) = result {
+                if let Err(err) = &result {
                     self.stats.client_errors += 1;
-                    self.reply(peer, &protocol::error(&err));
+                    // A client that passed a callback hears through it; others by event.
+                    if ack.is_none() {
+                        self.reply(peer, &protocol::error(err));
+                    }
+                }
+                if let Some(id) = ack {
+                    // The callback gets {ok:true} (the change itself arrives as bpmChange,
+                    // transport, ...) or the error's {ok:false, code, message}.
+                    let arg = match result {
+                        Ok(()) => r#"{"ok":true}"#.to_string(),
+                        Err(err) => {
+                            let e = protocol::error(&err);
+                            format!(r#"{{"ok":false,"error":{}}}"#, e.data)
+                        }
+                    };
+                    self.send_packet(peer, &engineio::ack(id, &arg));
                 }
             }
             SioPacket::Ack => {}

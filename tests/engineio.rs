@@ -126,6 +126,32 @@ fn polling_handshake_connect_and_ticks() {
         poll_event(&server, &sid, "error")["code"],
         "bpm_out_of_range"
     );
+    // With a callback (an ack id), the answer comes through it.
+    assert_eq!(post(&server, &sid, "4221[\"setBpm\",160]").0, 200);
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut acked = false;
+    while !acked && Instant::now() < until {
+        acked = poll(&server, &sid)
+            .1
+            .split(SEP)
+            .any(|p| p == "4321[{\"ok\":true}]");
+    }
+    assert!(acked, "no ack 21 for setBpm");
+    assert_eq!(post(&server, &sid, "4222[\"setBpm\",1]").0, 200);
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut refused = None;
+    while refused.is_none() && Instant::now() < until {
+        refused = poll(&server, &sid)
+            .1
+            .split(SEP)
+            .find_map(|p| p.strip_prefix("4322").map(str::to_string));
+    }
+    let refused: Value = serde_json::from_str(&refused.expect("no ack 22")).unwrap();
+    assert_eq!(refused[0]["ok"], false);
+    assert_eq!(refused[0]["error"]["code"], "bpm_out_of_range");
+    let (status, text) = request(&server, "PUT", "EIO=4&transport=polling", "", "");
+    assert_eq!(status, 405);
+    assert!(text.contains("Allow: GET, POST, OPTIONS"), "{text}");
     // A client's close packet ends the session.
     assert_eq!(post(&server, &sid, "1").0, 200);
     assert_eq!(server.stats()["clients_by_protocol"]["socketio_polling"], 0);
