@@ -197,7 +197,7 @@ pub fn plan(
             if !t.change(target, from, effective) {
                 return None;
             }
-            next.playing_before = t.state_at(effective) == TransportState::Playing;
+            next.playing_before = t.before() == TransportState::Playing;
             next.playing = t.state() == TransportState::Playing;
             next.transport_count = t.from_count();
         }

@@ -221,8 +221,9 @@ pub enum State {
     /// A WebSocket client: ticks flow.
     Open { ws: Box<WebSocketContext> },
     /// A long-poll GET held until its session has packets (the loop answers it with
-    /// `respond`), or until `until`, a backstop the session's heartbeat never lets pass.
-    Parked { until: Instant },
+    /// [`Connection::answer_parked`]), or until `until`, a backstop the session's heartbeat
+    /// never lets pass. `keep_alive`: the client lets the connection serve its next request.
+    Parked { until: Instant, keep_alive: bool },
     /// Flushing what is queued, then half-closing and waiting for the peer's EOF.
     Closing { until: Instant, write_shut: bool },
     /// Finished; the loop drops it.
@@ -408,9 +409,45 @@ impl Connection {
     }
 
     /// Holds a long-poll GET open until the loop answers it with [`Self::respond`].
-    pub fn park(&mut self, session: usize, until: Instant) {
+    pub fn park(&mut self, session: usize, until: Instant, keep_alive: bool) {
         self.parked_for = Some(session);
-        self.state = State::Parked { until };
+        self.state = State::Parked { until, keep_alive };
+    }
+
+    /// Whether the parked request may keep its connection open after the answer.
+    pub fn parked_keep_alive(&self) -> bool {
+        matches!(
+            self.state,
+            State::Parked {
+                keep_alive: true,
+                ..
+            }
+        )
+    }
+
+    /// Answers a parked long-poll; `response` must say `Connection: keep-alive` exactly when
+    /// [`Self::parked_keep_alive`] does.
+    pub fn answer_parked(&mut self, response: Vec<u8>, now: Instant) {
+        if self.parked_keep_alive() {
+            self.respond_and_continue(response, 0, now);
+        } else {
+            self.respond(response, now);
+        }
+    }
+
+    /// Queues a response and goes back to reading the next request on the same connection
+    /// (HTTP keep-alive, for long-polling clients that poll many times a second). The first
+    /// `consumed` bytes of the input were this request; what follows is the next one. The
+    /// handshake timeout starts again, as an idle timeout.
+    pub fn respond_and_continue(&mut self, response: Vec<u8>, consumed: usize, now: Instant) {
+        self.parked_for = None;
+        let rest = match &mut self.state {
+            State::Http { head } => head.split_off(consumed.min(head.len())),
+            _ => Vec::new(),
+        };
+        self.out.push_uncounted(response.into());
+        self.accepted = now;
+        self.state = State::Http { head: rest };
     }
 
     /// Queues a plain HTTP response and starts closing.
@@ -674,7 +711,7 @@ impl Connection {
                 self.state = State::Done;
                 true
             }
-            State::Closing { until, .. } | State::Parked { until } if now >= *until => {
+            State::Closing { until, .. } | State::Parked { until, .. } if now >= *until => {
                 self.state = State::Done;
                 false
             }

@@ -31,6 +31,9 @@ pub struct Request {
     pub head_len: usize,
     /// The body, for a POST; filled in once [`body_length`] bytes have arrived.
     pub body: Vec<u8>,
+    /// Whether the client lets the connection stay open after the response (HTTP/1.1 without
+    /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`).
+    pub keep_alive: bool,
 }
 
 impl Request {
@@ -117,6 +120,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Err(HttpError::Malformed("missing method or target"));
     };
+    let version = req.version.unwrap_or(0);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let headers = req
         .headers
@@ -128,14 +132,21 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
             )
         })
         .collect();
-    Ok(Some(Request {
+    let mut request = Request {
         method: method.to_string(),
         path: path.to_string(),
         query: query.to_string(),
         headers,
         head_len,
         body: Vec::new(),
-    }))
+        keep_alive: false,
+    };
+    request.keep_alive = if version >= 1 {
+        !request.header_has_token("connection", "close")
+    } else {
+        request.header_has_token("connection", "keep-alive")
+    };
+    Ok(Some(request))
 }
 
 fn parse_error_text(e: httparse::Error) -> &'static str {
@@ -354,9 +365,21 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
 
 /// A response with extra header lines (`Name: value`, no CRLF).
 pub fn response_with(status: u16, content_type: &str, extra: &[&str], body: &[u8]) -> Vec<u8> {
+    response_on(false, status, content_type, extra, body)
+}
+
+/// A complete response; with `keep_alive` the connection stays open for the next request.
+pub fn response_on(
+    keep_alive: bool,
+    status: u16,
+    content_type: &str,
+    extra: &[&str],
+    body: &[u8],
+) -> Vec<u8> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n",
+         Cache-Control: no-store\r\nConnection: {connection}\r\n",
         reason(status),
         body.len()
     );
@@ -450,6 +473,16 @@ mod tests {
         assert_eq!(route("GET", "/socket.io"), Route::SocketIo);
         assert_eq!(route("PUT", "/socket.io/"), Route::MethodNotAllowed);
         assert_eq!(route("POST", "/ws"), Route::MethodNotAllowed);
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        assert!(parse("GET / HTTP/1.1\r\n\r\n").keep_alive);
+        assert!(!parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!parse("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        let r = String::from_utf8(response_on(true, 200, "text/plain", &[], b"ok")).unwrap();
+        assert!(r.contains("Connection: keep-alive\r\n"));
     }
 
     #[test]

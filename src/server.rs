@@ -445,7 +445,16 @@ impl Server {
                 match conn.state() {
                     State::Http { .. } => match conn.read_head() {
                         HeadRead::Pending => break,
-                        HeadRead::Request(req) => self.on_request(key, req, now),
+                        HeadRead::Request(req) => {
+                            self.on_request(key, req, now);
+                            // Keep-alive lets one connection pipeline requests: budget them
+                            // like WebSocket messages.
+                            handled += 1;
+                            if handled >= MESSAGES_PER_EVENT {
+                                self.readable_again.push(key);
+                                break;
+                            }
+                        }
                         HeadRead::Invalid(e) => {
                             self.stats.count_refused(RefuseReason::BadRequest);
                             self.stats.count_http(e.status());
@@ -690,9 +699,28 @@ impl Server {
     }
 
     /// A 200 for a polling request: `text/plain` with the CORS headers.
-    fn poll_response(cors: &[String], body: &str) -> Vec<u8> {
+    fn poll_response(keep_alive: bool, cors: &[String], body: &str) -> Vec<u8> {
         let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
-        http::response_with(200, "text/plain; charset=UTF-8", &extra, body.as_bytes())
+        http::response_on(
+            keep_alive,
+            200,
+            "text/plain; charset=UTF-8",
+            &extra,
+            body.as_bytes(),
+        )
+    }
+
+    /// Sends a polling 200 and, when the client allows, keeps the connection for its next
+    /// request: a long-polling client polls at every tick, and a new TCP connection each time
+    /// would leave thousands of TIME_WAIT sockets behind.
+    fn respond_polling(&mut self, key: usize, req: &Request, bytes: Vec<u8>, now: Instant) {
+        if !req.keep_alive {
+            return self.respond(key, req, 200, bytes, now);
+        }
+        self.stats.count_http(200);
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.respond_and_continue(bytes, req.head_len + req.body.len(), now);
+        }
     }
 
     fn open_packet(&self, sid: &str, upgrades: &[&str]) -> String {
@@ -783,7 +811,8 @@ impl Server {
         let skey = self.sessions.insert(session);
         self.session_ids.insert(sid, skey);
         self.stats.client_opened(ClientKind::SocketIoPolling);
-        self.respond(key, req, 200, Self::poll_response(&cors, &open), now);
+        let bytes = Self::poll_response(req.keep_alive, &cors, &open);
+        self.respond_polling(key, req, bytes, now);
     }
 
     /// A long-poll GET: answered at once when packets wait (or while the session is being
@@ -803,19 +832,19 @@ impl Server {
         let payload = session.take_payload(EIO_MAX_PAYLOAD);
         match payload {
             Some(body) => {
-                let bytes = Self::poll_response(&session.cors, &body);
-                self.respond(key, req, 200, bytes, now);
+                let bytes = Self::poll_response(req.keep_alive, &session.cors, &body);
+                self.respond_polling(key, req, bytes, now);
             }
             // A client whose polling is paused for an upgrade waits for this GET to end.
             None if session.upgrading.is_some() => {
-                let bytes = Self::poll_response(&session.cors, "6");
-                self.respond(key, req, 200, bytes, now);
+                let bytes = Self::poll_response(req.keep_alive, &session.cors, "6");
+                self.respond_polling(key, req, bytes, now);
             }
             None => {
                 session.waiting = Some(key);
                 self.stats.count_http(200);
                 if let Some(conn) = self.conns.get_mut(key) {
-                    conn.park(skey, backstop);
+                    conn.park(skey, backstop, req.keep_alive);
                 }
             }
         }
@@ -858,9 +887,9 @@ impl Server {
         }
         let bytes = {
             let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
-            http::response_with(200, "text/html", &extra, b"ok")
+            http::response_on(req.keep_alive, 200, "text/html", &extra, b"ok")
         };
-        self.respond(key, req, 200, bytes, now);
+        self.respond_polling(key, req, bytes, now);
     }
 
     /// One Engine.IO packet from a Socket.IO client, on either transport. An error is a
@@ -942,7 +971,10 @@ impl Server {
         if let Some(ckey) = session.waiting.take()
             && let Some(conn) = self.conns.get_mut(ckey)
         {
-            conn.respond(Self::poll_response(&session.cors, "6"), Instant::now());
+            conn.respond(
+                Self::poll_response(false, &session.cors, "6"),
+                Instant::now(),
+            );
             self.stats.messages_sent += conn.flush();
         }
         let Some(conn) = self.conns.get_mut(key) else {
@@ -1132,9 +1164,9 @@ impl Server {
             return;
         };
         session.waiting = None;
-        let bytes = Self::poll_response(&session.cors, &body);
         if let Some(conn) = self.conns.get_mut(ckey) {
-            conn.respond(bytes, Instant::now());
+            let bytes = Self::poll_response(conn.parked_keep_alive(), &session.cors, &body);
+            conn.answer_parked(bytes, Instant::now());
             self.stats.messages_sent += conn.flush();
             if conn.is_done() {
                 self.finished.push(ckey);
@@ -1157,7 +1189,7 @@ impl Server {
         if let Some(ckey) = session.waiting
             && let Some(conn) = self.conns.get_mut(ckey)
         {
-            conn.respond(Self::poll_response(&session.cors, "1"), now);
+            conn.respond(Self::poll_response(false, &session.cors, "1"), now);
             self.stats.messages_sent += conn.flush();
         }
         if let Some(ckey) = session.upgrading

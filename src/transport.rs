@@ -90,6 +90,11 @@ impl Transport {
         }
     }
 
+    /// The state that holds before [`Self::from_count`].
+    pub fn before(&self) -> TransportState {
+        self.before
+    }
+
     /// The state that holds from [`Self::from_count`] on (possibly a change still pending).
     pub fn state(&self) -> TransportState {
         self.state

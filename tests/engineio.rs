@@ -16,7 +16,7 @@ const SEP: char = '\u{1e}';
 fn request(server: &Server, method: &str, query: &str, extra: &str, body: &str) -> (u16, String) {
     let text = server.raw(
         format!(
-            "{method} /socket.io/?{query} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            "{method} /socket.io/?{query} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n{extra}\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -160,6 +160,71 @@ fn polling_handshake_connect_and_ticks() {
     assert_eq!(payload, r#"{"code":1,"message":"Session ID unknown"}"#);
 }
 
+/// Reads one HTTP response (head and Content-Length body) from a kept-alive connection.
+fn read_response(s: &mut std::net::TcpStream) -> (String, String) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Content-Length");
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).expect("response body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn long_polling_keeps_its_connection_alive() {
+    use std::io::Write;
+    let server = Server::start(&["--bpm", "200"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let get = |sid: &str| {
+        format!("GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: t\r\n\r\n")
+    };
+    s.write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (head, open) = read_response(&mut s);
+    assert!(head.contains("Connection: keep-alive\r\n"), "{head}");
+    let v: Value = serde_json::from_str(&open[1..]).unwrap();
+    let sid = v["sid"].as_str().unwrap().to_string();
+    // A POST and then several polls, all on this one connection (a pipelined pair first).
+    let post = format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n40"
+    );
+    s.write_all(format!("{post}{}", get(&sid)).as_bytes())
+        .unwrap();
+    assert_eq!(read_response(&mut s).1, "ok");
+    let (_, first) = read_response(&mut s);
+    assert!(first.starts_with("40{"), "{first}");
+    let mut ticks = 0;
+    for _ in 0..10 {
+        s.write_all(get(&sid).as_bytes()).unwrap();
+        let (head, payload) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        ticks += payload
+            .split(SEP)
+            .filter(|p| p.starts_with("42[\"tick\""))
+            .count();
+    }
+    assert!(ticks >= 8, "{ticks} ticks in 10 polls");
+    // One connection for all of that (the other is this /metrics request).
+    let (_, metrics) = server.get("/metrics");
+    let accepted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("conductor_connections_accepted_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("accepted counter");
+    assert_eq!(accepted, 2, "{metrics}");
+}
+
 #[test]
 fn engine_io_errors_are_the_ones_clients_know() {
     let server = Server::start(&[]);
@@ -290,7 +355,7 @@ fn websocket_upgrade_takes_the_session_over() {
         let s = raw_at(
             port,
             &format!(
-                "GET /socket.io/?EIO=4&transport=polling&sid={sid2} HTTP/1.1\r\nHost: t\r\n\r\n"
+                "GET /socket.io/?EIO=4&transport=polling&sid={sid2} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
             ),
         );
         body(&s).to_string()
