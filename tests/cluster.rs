@@ -1,0 +1,694 @@
+//! Several instances on one timeline (`--cluster`): a real `redis-server` on a free loopback
+//! port and two or three real `conductor` processes joined to it.
+//!
+//! Each test starts its own Redis and uses its own cluster name. Without `redis-server` (Debian
+//! package `redis-server`; `.ci/run` installs it) the tests fail when `CI` is set and are
+//! skipped, loudly, otherwise. They run one at a time: the alignment test measures arrival
+//! times, and two cores shared with other tests would only add noise to it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Client, Server};
+use serde_json::{Value, json};
+
+/// One test at a time (see the module comment).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// 200 BPM at ppqn 4: a tick every 75 ms, exactly.
+const BPM: &str = "200";
+const INTERVAL_US: u64 = 75_000;
+
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn unix_us_now() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(d.as_micros()).expect("µs fit")
+}
+
+/// A `redis-server` on a loopback port, with neither snapshots nor an append-only file, so a
+/// restart comes back empty. Killed when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    /// A new server on a free port; `None` (after saying so) when `redis-server` is missing
+    /// and `CI` is not set.
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed (Debian package redis-server); CI must have it"
+            );
+            // Straight to stderr: the test harness captures eprintln!, and a skip must show.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n!!! SKIPPED: redis-server is not installed, so the cluster tests did not run.\n\
+                 !!! apt-get install redis-server (or run .ci/run, which installs it).\n"
+            );
+            return None;
+        }
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+        };
+        redis.spawn();
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server on `self.port` and waits until it answers PING.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if self.try_command(&["PING"]).is_some_and(|r| r == "+PONG") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not answer PING", self.port);
+    }
+
+    /// Kills the server outright (SIGKILL), as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// One command in RESP; the reply's first line (a bulk string's payload for `$`).
+    fn try_command(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for a in args {
+            request += &format!("${}\r\n{a}\r\n", a.len());
+        }
+        s.write_all(request.as_bytes()).ok()?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            let complete = match text.strip_prefix('$') {
+                // `$-1` is nil; `$LEN\r\nPAYLOAD\r\n` complete when all of it is here.
+                Some(rest) => rest.split_once("\r\n").is_some_and(|(len, body)| {
+                    len == "-1" || body.len() >= len.parse::<usize>().unwrap_or(0) + 2
+                }),
+                None => text.ends_with("\r\n"),
+            };
+            if complete {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        match text.strip_prefix('$') {
+            Some(rest) => Some(rest.split("\r\n").nth(1).unwrap_or("").to_string()),
+            None => Some(text.trim_end().to_string()),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A conductor instance in cluster `name` on `redis`, asking for `bpm` at start, with `extra`
+/// flags.
+fn instance_with(redis: &Redis, name: &str, bpm: &str, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--bpm", bpm, "--cluster", &url, "--cluster-name", name];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn instance_at(redis: &Redis, name: &str, bpm: &str) -> Server {
+    instance_with(redis, name, bpm, &[])
+}
+
+/// An instance asking for 200 BPM.
+fn instance(redis: &Redis, name: &str) -> Server {
+    instance_at(redis, name, BPM)
+}
+
+/// Polls `/stats` of every server until `cluster.connected` is `want` on all, or panics.
+fn wait_connected(servers: &[&Server], want: bool, within: Duration) {
+    let until = Instant::now() + within;
+    loop {
+        let states: Vec<Value> = servers
+            .iter()
+            .map(|s| s.stats()["cluster"]["connected"].clone())
+            .collect();
+        if states.iter().all(|c| c == &json!(want)) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "cluster.connected is {states:?}, not all {want}, after {within:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tick as a client saw it.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    time_us: u64,
+    bpm: f64,
+    arrived: Instant,
+}
+
+/// A client and everything it has read so far, by kind.
+struct Watch {
+    client: Client,
+    ticks: BTreeMap<u64, Seen>,
+    timelines: Vec<Value>,
+    bpm_changes: Vec<f64>,
+    errors: Vec<Value>,
+}
+
+impl Watch {
+    /// Connects and takes the hello and the first timeline.
+    fn new(server: &Server) -> (Watch, Value) {
+        let mut client = server.ws();
+        let hello = client.next_event("hello");
+        let timeline = client.next_event("timeline");
+        let watch = Watch {
+            client,
+            ticks: BTreeMap::new(),
+            timelines: vec![timeline],
+            bpm_changes: Vec::new(),
+            errors: Vec::new(),
+        };
+        (watch, hello)
+    }
+
+    /// Reads one message and files it; returns its event name.
+    fn read_one(&mut self) -> String {
+        let m = self.client.next_json();
+        let arrived = Instant::now();
+        let event = m["event"].as_str().unwrap_or("").to_string();
+        match event.as_str() {
+            "tick" => {
+                let d = &m["data"];
+                let count = d["count"].as_u64().expect("tick count");
+                let seen = Seen {
+                    time_us: d["time_us"].as_u64().expect("tick time_us"),
+                    bpm: d["bpm"].as_f64().expect("tick bpm"),
+                    arrived,
+                };
+                assert!(
+                    self.ticks.insert(count, seen).is_none(),
+                    "tick {count} arrived twice"
+                );
+            }
+            "timeline" => self.timelines.push(m),
+            "bpmChange" => self
+                .bpm_changes
+                .push(m["data"].as_f64().expect("bpmChange number")),
+            "error" => self.errors.push(m),
+            _ => {}
+        }
+        event
+    }
+
+    /// Reads until a tick with count `count` or later has arrived.
+    fn until_count(&mut self, count: u64) {
+        while self.ticks.last_key_value().is_none_or(|(&c, _)| c < count) {
+            self.read_one();
+        }
+    }
+
+    /// Reads until `n` more ticks have arrived.
+    fn more_ticks(&mut self, n: usize) {
+        let want = self.ticks.len() + n;
+        while self.ticks.len() < want {
+            self.read_one();
+        }
+    }
+
+    /// Reads until an event `name` arrives; returns it from the filed messages.
+    fn until_event(&mut self, name: &str) {
+        for _ in 0..1000 {
+            if self.read_one() == name {
+                return;
+            }
+        }
+        panic!("no {name} in 1000 messages");
+    }
+
+    fn last_count(&self) -> u64 {
+        *self.ticks.last_key_value().expect("a tick").0
+    }
+
+    fn timeline(&self) -> &Value {
+        &self.timelines.last().expect("a timeline")["data"]
+    }
+}
+
+/// Counts both saw, with the scheduled instants asserted identical on both.
+fn same_instants(a: &Watch, b: &Watch, what: &str) -> Vec<u64> {
+    let common: Vec<u64> = a
+        .ticks
+        .keys()
+        .filter(|c| b.ticks.contains_key(c))
+        .copied()
+        .collect();
+    for c in &common {
+        let (x, y) = (a.ticks[c], b.ticks[c]);
+        assert_eq!(
+            x.time_us, y.time_us,
+            "{what}: tick {c} scheduled at {} µs on one instance, {} µs on the other",
+            x.time_us, y.time_us
+        );
+        assert_eq!(x.bpm, y.bpm, "{what}: tick {c} has a different bpm");
+    }
+    common
+}
+
+/// The tick instant a timeline predicts for count `n` (µs; exact at whole-µs intervals).
+fn predicted_us(timeline: &Value, n: u64) -> u64 {
+    let anchor = timeline["count"].as_u64().expect("timeline count");
+    assert!(
+        n >= anchor,
+        "tick {n} is before the timeline's anchor {anchor}"
+    );
+    let interval = timeline["interval_us"].as_f64().expect("interval_us");
+    timeline["time_us"].as_u64().expect("timeline time_us")
+        + ((n - anchor) as f64 * interval) as u64
+}
+
+/// `p` in 0..=1 of sorted `values`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+#[test]
+fn a_set_bpm_on_one_instance_changes_the_other_at_the_same_count_and_instant() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let a = instance(&redis, "setbpm");
+    // B asks for another tempo at start: the cluster's timeline wins.
+    let b = instance_at(&redis, "setbpm", "120");
+    let (mut wa, hello_a) = Watch::new(&a);
+    let (mut wb, hello_b) = Watch::new(&b);
+    assert_eq!(hello_a["data"]["bpm"], 200);
+    assert_eq!(hello_b["data"]["bpm"], 200, "B joined the cluster's tempo");
+
+    // Before any change: the same counts at the same instants.
+    wa.more_ticks(5);
+    wb.until_count(wa.last_count() + 3);
+    wa.until_count(wb.last_count());
+    assert!(same_instants(&wa, &wb, "before the change").len() >= 3);
+
+    let sent_us = unix_us_now();
+    wa.client
+        .send_json(&json!({"event": "setBpm", "data": 150}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("bpmChange");
+        w.until_event("timeline");
+    }
+    assert_eq!(wa.bpm_changes, vec![150.0]);
+    assert_eq!(wb.bpm_changes, vec![150.0], "B heard of A's change");
+    let (ta, tb) = (wa.timeline().clone(), wb.timeline().clone());
+    let anchor = ta["count"].as_u64().unwrap();
+    let anchor_us = ta["time_us"].as_u64().unwrap();
+    assert_eq!(tb["count"], ta["count"], "same anchor count: {ta} vs {tb}");
+    assert_eq!(
+        tb["time_us"], ta["time_us"],
+        "same anchor instant: {ta} vs {tb}"
+    );
+    assert_eq!(ta["bpm"], 150);
+    assert_eq!(tb["bpm"], 150);
+    // The change bites a lead (250 ms by default) after it was asked for, not before.
+    assert!(
+        anchor_us >= sent_us + 250_000,
+        "the change takes effect {} µs after it was sent, inside the 250 ms lead",
+        anchor_us as i64 - sent_us as i64
+    );
+
+    wa.until_count(anchor + 8);
+    wb.until_count(anchor + 8);
+    let common = same_instants(&wa, &wb, "across the change");
+    assert!(common.iter().filter(|&&c| c >= anchor).count() >= 8);
+    for w in [&wa, &wb] {
+        // The old tempo up to the anchor, the new one from it, on the instants announced.
+        assert_eq!(w.ticks[&anchor].time_us, anchor_us);
+        assert_eq!(w.ticks[&anchor].bpm, 150.0);
+        if let Some(before) = w.ticks.get(&(anchor - 1)) {
+            assert_eq!(before.bpm, 200.0);
+            assert_eq!(
+                anchor_us - before.time_us,
+                INTERVAL_US,
+                "old interval up to the anchor"
+            );
+        }
+        for c in anchor..anchor + 8 {
+            assert_eq!(w.ticks[&(c + 1)].time_us - w.ticks[&c].time_us, 100_000);
+        }
+    }
+    for s in [&a, &b] {
+        let st = s.stats();
+        assert_eq!(st["bpm"], 150);
+        assert_eq!(st["cluster"]["version"], 2, "{st}");
+        assert_eq!(st["cluster"]["connected"], true);
+    }
+    let stored: Value = serde_json::from_str(
+        &redis
+            .try_command(&["GET", "conductor:setbpm:timeline"])
+            .unwrap(),
+    )
+    .expect("stored timeline JSON");
+    assert_eq!(stored["version"], 2);
+    assert_eq!(stored["bpm_milli"], 150_000);
+    assert_eq!(stored["anchor_count"], anchor);
+    assert_eq!(
+        stored["anchor_unix_ns"].as_u64().unwrap() / 1_000,
+        anchor_us
+    );
+}
+
+#[test]
+fn a_late_joiner_emits_the_same_counts_at_the_same_instants() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let a = instance(&redis, "late");
+    let b = instance(&redis, "late");
+    let (mut wa, _) = Watch::new(&a);
+    let (mut wb, _) = Watch::new(&b);
+    // Move the timeline off its start, so that the joiner has something to learn.
+    wb.client
+        .send_json(&json!({"event": "setBpm", "data": 150}));
+    wa.until_event("timeline");
+    let anchor = wa.timeline()["count"].as_u64().unwrap();
+    wa.until_count(anchor + 3);
+
+    // C starts late, asking for 120 BPM; it must follow the cluster at 150 instead.
+    let c = instance_at(&redis, "late", "120");
+    let (mut wc, hello_c) = Watch::new(&c);
+    assert_eq!(hello_c["data"]["bpm"], 150, "{hello_c}");
+    let tc = wc.timeline().clone();
+    assert_eq!(tc["bpm"], 150);
+    // C's timeline may be anchored later (at its own start), but on the same grid.
+    let tc_count = tc["count"].as_u64().unwrap();
+    assert!(tc_count >= anchor);
+    assert_eq!(
+        tc["time_us"].as_u64().unwrap(),
+        predicted_us(wa.timeline(), tc_count)
+    );
+
+    wc.more_ticks(20);
+    let first_c = *wc.ticks.first_key_value().unwrap().0;
+    for w in [&mut wa, &mut wb] {
+        w.until_count(wc.last_count());
+    }
+    let ab = same_instants(&wa, &wb, "A and B");
+    let ac = same_instants(&wa, &wc, "A and the late joiner");
+    let bc = same_instants(&wb, &wc, "B and the late joiner");
+    assert!(ab.len() >= 20);
+    assert!(ac.len() >= 20, "{} common counts with the joiner", ac.len());
+    assert!(bc.len() >= 20);
+    assert_eq!(ac.first(), Some(&first_c));
+    for (&count, seen) in &wc.ticks {
+        assert_eq!(seen.time_us, predicted_us(wa.timeline(), count));
+    }
+
+    // The joiner shows up in every instance's peer count (heartbeats every second).
+    let until = Instant::now() + Duration::from_secs(4);
+    for s in [&a, &b, &c] {
+        loop {
+            let st = s.stats();
+            if st["cluster"]["peers"] == 3 {
+                assert_eq!(st["cluster"]["version"], 2);
+                break;
+            }
+            assert!(Instant::now() < until, "peers never reached 3: {st}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn clients_of_two_instances_get_each_count_within_a_millisecond() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    // On the normal scheduler: two SCHED_FIFO instances spinning before each tick on a
+    // two-core machine would keep this process off the CPU until both had sent, and every
+    // arrival would be stamped at the same moment, hiding the difference measured here.
+    let a = instance_with(&redis, "align", BPM, &["--rt-priority", "0"]);
+    let b = instance_with(&redis, "align", BPM, &["--rt-priority", "0"]);
+    let (wa, _) = Watch::new(&a);
+    let (wb, _) = Watch::new(&b);
+    // One reader thread per instance, so neither waits behind the other's reads.
+    let read = |mut w: Watch| {
+        thread::spawn(move || {
+            w.more_ticks(60);
+            w
+        })
+    };
+    let (ha, hb) = (read(wa), read(wb));
+    let (wa, wb) = (ha.join().unwrap(), hb.join().unwrap());
+    let common = same_instants(&wa, &wb, "alignment");
+    assert!(
+        common.len() >= 40,
+        "only {} counts seen on both",
+        common.len()
+    );
+    let mut diffs: Vec<f64> = common
+        .iter()
+        .map(|c| {
+            let (x, y) = (wa.ticks[c].arrived, wb.ticks[c].arrived);
+            let d = if x > y { x - y } else { y - x };
+            d.as_secs_f64() * 1e6
+        })
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    let (p50, p99, max) = (
+        percentile(&diffs, 0.5),
+        percentile(&diffs, 0.99),
+        diffs[diffs.len() - 1],
+    );
+    eprintln!(
+        "cluster alignment over {} counts: arrival difference p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs",
+        diffs.len()
+    );
+    assert!(p50 < 1_000.0, "median arrival difference {p50:.0} µs");
+    assert!(p99 < 20_000.0, "p99 arrival difference {p99:.0} µs");
+}
+
+#[test]
+fn killing_redis_keeps_every_instance_ticking_and_a_restart_restores_control() {
+    let _serial = serial();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let a = instance(&redis, "outage");
+    let b = instance(&redis, "outage");
+    let (mut wa, _) = Watch::new(&a);
+    let (mut wb, _) = Watch::new(&b);
+    wait_connected(&[&a, &b], true, Duration::from_secs(3));
+    // A first change, so that what comes back after the restart is visibly this timeline.
+    wa.client
+        .send_json(&json!({"event": "setBpm", "data": 150}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("bpmChange");
+        w.until_event("timeline");
+        w.more_ticks(1);
+        w.bpm_changes.clear();
+    }
+    let before = wb.timeline().clone();
+    assert_eq!(before["bpm"], 150);
+
+    redis.kill();
+    wait_connected(&[&a, &b], false, Duration::from_secs(3));
+    let counts: Vec<u64> = [&a, &b]
+        .iter()
+        .map(|s| s.stats()["count"].as_u64().unwrap())
+        .collect();
+    // Control is refused on both, with the reason.
+    wa.client
+        .send_json(&json!({"event": "setBpm", "data": 120}));
+    wb.client.send_json(&json!({"event": "stop"}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("error");
+        let e = &w.errors[0]["data"];
+        assert_eq!(e["code"], "cluster_unavailable", "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // And ticking goes on, on the timeline they had, in step.
+    thread::sleep(Duration::from_millis(800));
+    for (s, was) in [&a, &b].iter().zip(&counts) {
+        let now = s.stats()["count"].as_u64().unwrap();
+        assert!(
+            now >= was + 6,
+            "count went from {was} to only {now} in 0.8 s"
+        );
+    }
+    let from = wa.last_count().max(wb.last_count());
+    wa.until_count(from + 5);
+    wb.until_count(from + 5);
+    same_instants(&wa, &wb, "while Redis is down");
+    for w in [&wa, &wb] {
+        assert!(w.bpm_changes.is_empty(), "a refused change changed nothing");
+        let last = w.last_count();
+        assert_eq!(w.ticks[&last].time_us, predicted_us(&before, last));
+        assert_eq!(w.ticks[&last].bpm, 150.0);
+    }
+
+    // Redis comes back empty on the same port: both reconnect (backoff at most 2 s) and the
+    // timeline they kept is written back.
+    let down_at = Instant::now();
+    redis.spawn();
+    wait_connected(&[&a, &b], true, Duration::from_secs(6));
+    eprintln!("reconnected {:?} after the restart", down_at.elapsed());
+    let stored: Value = serde_json::from_str(
+        &redis
+            .try_command(&["GET", "conductor:outage:timeline"])
+            .expect("GET"),
+    )
+    .expect("the timeline written back");
+    assert_eq!(stored["version"], 2, "{stored}");
+    assert_eq!(stored["bpm_milli"], 150_000);
+
+    // Control works again, and both follow it at the same count and instant.
+    wb.client
+        .send_json(&json!({"event": "setBpm", "data": 120}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("bpmChange");
+        w.until_event("timeline");
+        assert_eq!(w.bpm_changes, vec![120.0]);
+    }
+    let (ta, tb) = (wa.timeline().clone(), wb.timeline().clone());
+    assert_eq!(ta["bpm"], 120);
+    assert_eq!(
+        (&ta["count"], &ta["time_us"]),
+        (&tb["count"], &tb["time_us"])
+    );
+    let anchor = ta["count"].as_u64().unwrap();
+    wa.until_count(anchor + 3);
+    wb.until_count(anchor + 3);
+    same_instants(&wa, &wb, "after the restart");
+    assert_eq!(
+        wa.ticks[&(anchor + 1)].time_us - wa.ticks[&anchor].time_us,
+        125_000
+    );
+    for s in [&a, &b] {
+        assert_eq!(s.stats()["cluster"]["version"], 3);
+    }
+}
+
+#[test]
+fn a_stop_and_a_start_reach_every_instance_at_the_same_count() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let a = instance(&redis, "transport");
+    let b = instance(&redis, "transport");
+    let (mut wa, _) = Watch::new(&a);
+    let (mut wb, _) = Watch::new(&b);
+    wa.more_ticks(2);
+    wb.more_ticks(2);
+
+    // A stop sent to A: announced on both for the same count, a lead ahead; ticks up to it
+    // still arrive everywhere, none from it on.
+    wa.client.send_json(&json!({"event": "stop"}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("transport");
+        w.until_event("timeline");
+    }
+    let (sa, sb) = (
+        wa.timeline()["transport"].clone(),
+        wb.timeline()["transport"].clone(),
+    );
+    assert_eq!(sa, sb, "the same stop on both");
+    assert_eq!(sa["state"], "stopped");
+    let stop_at = sa["count"].as_u64().unwrap();
+    for w in [&mut wa, &mut wb] {
+        w.until_count(stop_at - 1);
+    }
+    thread::sleep(Duration::from_millis(500));
+
+    // A start sent to B: both resume at the same count, on a bar line (16 ticks at ppqn 4).
+    wb.client.send_json(&json!({"event": "start"}));
+    for w in [&mut wa, &mut wb] {
+        w.until_event("transport");
+        w.until_event("timeline");
+    }
+    let (pa, pb) = (
+        wa.timeline()["transport"].clone(),
+        wb.timeline()["transport"].clone(),
+    );
+    assert_eq!(pa, pb, "the same start on both");
+    assert_eq!(pa["state"], "playing");
+    let start_at = pa["count"].as_u64().unwrap();
+    assert_eq!(start_at % 16, 0, "a start lands on a bar line");
+    for w in [&mut wa, &mut wb] {
+        w.until_count(start_at + 2);
+        let silent: Vec<u64> = w.ticks.range(stop_at..start_at).map(|(&c, _)| c).collect();
+        assert!(silent.is_empty(), "ticks {silent:?} sent while stopped");
+        assert!(w.ticks.contains_key(&(stop_at - 1)) && w.ticks.contains_key(&start_at));
+        assert_eq!(w.ticks[&start_at].time_us, pa["time_us"].as_u64().unwrap());
+    }
+    same_instants(&wa, &wb, "across stop and start");
+}
+
+#[test]
+#[ignore = "fails: a joiner computes transport.time_us with local_ns(), which clamps an instant \
+            before its own start to its epoch, so it reports its start time instead"]
+fn a_late_joiner_reports_the_same_transport_instant() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let a = instance(&redis, "joiner-transport");
+    let (wa, _) = Watch::new(&a);
+    thread::sleep(Duration::from_millis(500));
+    let c = instance(&redis, "joiner-transport");
+    let (wc, _) = Watch::new(&c);
+    assert_eq!(wa.timeline()["transport"], wc.timeline()["transport"]);
+}
