@@ -56,6 +56,10 @@ pub struct SharedTimeline {
     pub playing_before: bool,
     pub playing: bool,
     pub transport_count: u64,
+    /// The instant of `transport_count`, kept because a later tempo change re-anchors the
+    /// timeline past it. (Absent in a timeline written before this field: 0.)
+    #[serde(default)]
+    pub transport_unix_ns: u64,
 }
 
 /// Nanoseconds in a minute × [`Bpm::SCALE`], as in [`crate::tempo`].
@@ -73,6 +77,7 @@ impl SharedTimeline {
             playing_before: true,
             playing: true,
             transport_count: 0,
+            transport_unix_ns: clock.unix_ns(schedule.anchor_ns()),
         }
     }
 
@@ -178,6 +183,10 @@ pub fn plan(
             next.anchor_count = effective;
             next.anchor_unix_ns = current.unix_ns_of(effective);
             next.bpm_milli = bpm.milli();
+            // A start still ahead moves with the new tempo.
+            if next.transport_count >= next.anchor_count {
+                next.transport_unix_ns = next.unix_ns_of(next.transport_count);
+            }
         }
         ClusterRequest::Start(_) | ClusterRequest::Stop => {
             let (target, from) = match request {
@@ -200,6 +209,7 @@ pub fn plan(
             next.playing_before = t.before() == TransportState::Playing;
             next.playing = t.state() == TransportState::Playing;
             next.transport_count = t.from_count();
+            next.transport_unix_ns = current.unix_ns_of(t.from_count());
         }
     }
     Some(next)
@@ -327,6 +337,8 @@ impl Worker {
                 Err(e) => {
                     if self.status.connected {
                         warn!("cluster: lost Redis ({e}); ticking on, control refused until back");
+                        // A fresh outage starts with a quick retry.
+                        backoff = BACKOFF_MIN;
                     }
                     self.status.connected = false;
                     self.report_status();
@@ -516,6 +528,7 @@ mod tests {
             playing_before: true,
             playing: true,
             transport_count: 0,
+            transport_unix_ns: 1_700_000_000_000_000_000,
         }
     }
 
@@ -564,6 +577,19 @@ mod tests {
         .unwrap();
         assert!(started.playing && !started.playing_before);
         assert_eq!(started.transport_count, 112, "next bar line after tick 110");
+        assert_eq!(started.transport_unix_ns, t.unix_ns_of(112));
+        // A tempo change before that start moves its instant with it.
+        let faster = plan(
+            &started,
+            ClusterRequest::SetBpm(Bpm::whole(150)),
+            now,
+            LEAD,
+            0,
+            4,
+        )
+        .unwrap();
+        assert_eq!(faster.transport_unix_ns, faster.unix_ns_of(112));
+        assert_ne!(faster.transport_unix_ns, started.transport_unix_ns);
         assert!(!started.transport().plays(111));
         assert!(started.transport().plays(112));
     }

@@ -150,9 +150,9 @@ pub struct Server {
     /// The timing thread's current schedule, as last announced by it.
     schedule: TickSchedule,
     transport: Transport,
-    /// When the transport's current state began (ns since the clock's epoch): kept because
-    /// after a tempo change the new schedule no longer knows counts before its anchor.
-    transport_at_ns: u64,
+    /// When the transport's current state began (unix ns): kept because after a tempo change
+    /// the new schedule no longer knows counts before its anchor.
+    transport_unix_ns: u64,
     /// The `timeline` every new client gets; rebuilt on every tempo or transport change.
     timeline: Outgoing,
     timeline_frame: SharedFrame,
@@ -215,9 +215,8 @@ impl Server {
                 .map_err(ServerError::Timing)?;
         let schedule = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
         let transport = joined.map_or(Transport::playing(), |s| s.transport());
-        let transport_at_ns = joined.map_or(schedule.anchor_ns(), |s| {
-            local_ns(&clock, s.unix_ns_of(s.transport_count))
-        });
+        let transport_unix_ns =
+            joined.map_or(clock.unix_ns(schedule.anchor_ns()), |s| s.transport_unix_ns);
         if let Some(link) = cluster.as_mut() {
             link.shared = joined;
         }
@@ -228,7 +227,7 @@ impl Server {
             next_count: 0,
             schedule,
             transport,
-            transport_at_ns,
+            transport_unix_ns,
             cluster,
             timeline: Outgoing {
                 name: "timeline",
@@ -1281,16 +1280,20 @@ impl Server {
             }
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
-                if bpm == self.requested_bpm {
+                // In a cluster the shared timeline is the reference: a request lost with Redis
+                // must not make its retry look like a no-op.
+                let current = match self.cluster.as_ref().and_then(|l| l.shared) {
+                    Some(shared) => shared.bpm(),
+                    None => self.requested_bpm,
+                };
+                if bpm == current {
                     // Nothing changes for anyone else: confirm to the sender only, so one
                     // client cannot make the server write to every client at will.
                     self.reply(peer, &protocol::bpm_change(bpm));
                     return Ok(());
                 }
                 if self.cluster.is_some() {
-                    self.ask_cluster(ClusterRequest::SetBpm(bpm))?;
-                    self.requested_bpm = bpm;
-                    return Ok(());
+                    return self.ask_cluster(ClusterRequest::SetBpm(bpm));
                 }
                 // Every change is a write to every client; cap them server-wide.
                 if self.control_changes.check(Instant::now()) != Rate::Allow {
@@ -1367,7 +1370,7 @@ impl Server {
         let transport = shared.transport();
         if transport != self.transport {
             self.transport = transport;
-            self.transport_at_ns = local_ns(&self.clock, shared.unix_ns_of(shared.transport_count));
+            self.transport_unix_ns = shared.transport_unix_ns;
             info!(
                 "transport {} from tick {} (cluster v{})",
                 transport.state(),
@@ -1413,7 +1416,9 @@ impl Server {
             return Err(ClientError::Busy);
         }
         self.transport = changed;
-        self.transport_at_ns = self.schedule.deadline_ns(changed.from_count());
+        self.transport_unix_ns = self
+            .clock
+            .unix_ns(self.schedule.deadline_ns(changed.from_count()));
         info!("transport {state} from tick {}", changed.from_count());
         self.stats.transport_changes += 1;
         let announce = protocol::transport(&self.transport_data());
@@ -1427,13 +1432,15 @@ impl Server {
     fn transport_data(&self) -> TransportData {
         let from = self.transport.from_count();
         // The current schedule knows counts from its anchor on; an older state began under an
-        // older schedule, whose instant was kept.
-        let at_ns = if from >= self.schedule.anchor_count() {
-            self.schedule.deadline_ns(from)
-        } else {
-            self.transport_at_ns
+        // older schedule, whose instant was kept. A cluster's timeline carries its own.
+        let unix_ns = match self.cluster.as_ref().and_then(|l| l.shared) {
+            Some(shared) => shared.transport_unix_ns,
+            None if from >= self.schedule.anchor_count() => {
+                self.clock.unix_ns(self.schedule.deadline_ns(from))
+            }
+            None => self.transport_unix_ns,
         };
-        TransportData::new(self.transport.state(), from, self.clock.unix_ns(at_ns))
+        TransportData::new(self.transport.state(), from, unix_ns)
     }
 
     /// Rebuilds the cached `timeline` after a tempo or transport change.
@@ -1479,7 +1486,11 @@ impl Server {
                 TimingEvent::Started(_) => {}
                 TimingEvent::Tempo(schedule) => {
                     let bpm = schedule.bpm();
-                    self.bpm = bpm;
+                    // A cluster's change is announced a lead ahead; /stats and hello report
+                    // the tempo ticks are at until its anchor is reached (on_tick).
+                    if schedule.anchor_count() <= self.next_count {
+                        self.bpm = bpm;
+                    }
                     self.schedule = schedule;
                     self.refresh_timeline();
                     self.stats.tempo_changes += 1;
@@ -1770,11 +1781,6 @@ impl Server {
             stats: &self.stats,
         }
     }
-}
-
-/// A unix instant on `clock`'s monotonic axis (0 for instants before its epoch).
-fn local_ns(clock: &Clock, unix_ns: u64) -> u64 {
-    unix_ns.saturating_sub(clock.unix_ns(0))
 }
 
 /// Starts the cluster thread and waits (briefly) for the shared timeline, so that a joining
