@@ -305,16 +305,7 @@ impl Server {
             self.drain_timing();
             self.drain_cluster();
             for event in events.iter() {
-                match event.token() {
-                    WAKER => {}
-                    LISTENER => self.accept(),
-                    SIGNALS => self.on_signal(),
-                    Token(key) => {
-                        let readable =
-                            event.is_readable() || event.is_read_closed() || event.is_error();
-                        self.drive(key, readable, event.is_writable());
-                    }
-                }
+                self.on_event(event);
                 if !self.timing_events.is_empty() {
                     self.drain_timing();
                 }
@@ -345,6 +336,20 @@ impl Server {
         self.timing.stop();
         info!("shutdown complete ({left} connections cut at the deadline)");
         Ok(())
+    }
+
+    /// One readiness event. The waker's only job is to end the poll: the rings are drained
+    /// by the caller.
+    fn on_event(&mut self, event: &mio::event::Event) {
+        match event.token() {
+            WAKER => {}
+            LISTENER => self.accept(),
+            SIGNALS => self.on_signal(),
+            Token(key) => {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                self.drive(key, readable, event.is_writable());
+            }
+        }
     }
 
     fn accept(&mut self) {
@@ -1647,19 +1652,10 @@ impl Server {
             return;
         };
         match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+            // The timing ring is drained after the fan-out (`drain_timing` waits for it).
             Ok(()) => {
                 for event in events.iter() {
-                    match event.token() {
-                        // The timing ring is drained after the fan-out.
-                        WAKER => {}
-                        LISTENER => self.accept(),
-                        SIGNALS => self.on_signal(),
-                        Token(key) => {
-                            let readable =
-                                event.is_readable() || event.is_read_closed() || event.is_error();
-                            self.drive(key, readable, event.is_writable());
-                        }
-                    }
+                    self.on_event(event);
                 }
             }
             Err(e) => debug!("poll during fan-out failed: {e}"),
