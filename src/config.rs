@@ -4,18 +4,36 @@
 //! only parses and checks: it starts nothing. A bad value becomes a [`ConfigError`], which `main`
 //! prints as one line before exiting with status 2.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::tempo::{BPM_CEILING, Bpm};
 
+/// What `conductor --version` prints after the name: the crate version and the git commit it
+/// was built from (`unknown` when the build had neither git nor `CONDUCTOR_GIT_COMMIT`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CONDUCTOR_GIT_COMMIT"),
+    ")"
+);
+
 /// A drift-free tempo server: ticks every 16th note to every WebSocket client.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "conductor", version, about)]
+#[command(
+    name = "conductor",
+    version = VERSION,
+    about,
+    disable_help_subcommand = true
+)]
 pub struct Cli {
+    /// Without a command, the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TCP port for HTTP and WebSocket (0 picks a free one).
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
@@ -124,6 +142,45 @@ pub struct Cli {
     /// Do not lock the process's memory (mlockall).
     #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
     pub no_mlock: bool,
+}
+
+/// A one-shot tool instead of the server.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Ask a running server's /healthz: exit 0 on 200, else 1 with the reason on stderr.
+    ///
+    /// For container health checks: the image is built FROM scratch and has no curl.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Where `conductor healthcheck` looks, and for how long.
+#[derive(Clone, Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Port to check [default: the server's PORT, else 3000].
+    #[arg(long)]
+    pub port: Option<u16>,
+
+    /// Address to check [default: CONDUCTOR_BIND when it names one address, else loopback].
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+
+    /// Seconds to wait for connecting and for the answer, each.
+    #[arg(long, default_value_t = 2)]
+    pub timeout: u64,
+}
+
+impl HealthcheckArgs {
+    /// The address to check. What is not given comes from the server's own settings (`cli`,
+    /// which read `PORT` and `CONDUCTOR_BIND`), so the check run inside a container or unit
+    /// finds the server started with the same environment.
+    pub fn target(&self, cli: &Cli) -> SocketAddr {
+        let host = self.host.unwrap_or(match cli.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        });
+        SocketAddr::new(host, self.port.unwrap_or(cli.port))
+    }
 }
 
 /// The validated settings the server runs with.
@@ -258,7 +315,9 @@ impl Cli {
             return Err(ConfigError::BadMaxClients(self.max_clients));
         }
         if self.max_polling_sessions > 100_000 {
-            return Err(ConfigError::BadMaxPollingSessions(self.max_polling_sessions));
+            return Err(ConfigError::BadMaxPollingSessions(
+                self.max_polling_sessions,
+            ));
         }
         if let Some(token) = &self.control_token
             && (token.is_empty()
@@ -424,6 +483,55 @@ mod tests {
                 .as_deref(),
             Some("s3cret")
         );
+    }
+
+    fn healthcheck(args: &[&str]) -> SocketAddr {
+        let mut argv = vec!["conductor"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).expect("clap parse");
+        match &cli.command {
+            Some(Command::Healthcheck(h)) => h.target(&cli),
+            None => panic!("no healthcheck command in {args:?}"),
+        }
+    }
+
+    #[test]
+    fn healthcheck_finds_the_server_from_its_own_settings() {
+        assert_eq!(
+            healthcheck(&["healthcheck"]).to_string(),
+            // PORT may be set in the environment the tests run in.
+            format!("127.0.0.1:{}", Cli::parse_from(["conductor"]).port)
+        );
+        assert_eq!(
+            healthcheck(&["healthcheck", "--port", "8080"]).to_string(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            healthcheck(&["--port", "4000", "--bind", "::", "healthcheck"]).to_string(),
+            "[::1]:4000"
+        );
+        assert_eq!(
+            healthcheck(&["--bind", "10.1.2.3", "healthcheck", "--port", "1"]).to_string(),
+            "10.1.2.3:1"
+        );
+        assert_eq!(
+            healthcheck(&["healthcheck", "--host", "127.0.0.2", "--port", "9"]).to_string(),
+            "127.0.0.2:9"
+        );
+        // The server's flags are unchanged by the subcommand's existence.
+        assert!(parse(&["--port", "3001"]).is_ok());
+        assert!(Cli::try_parse_from(["conductor", "bogus"]).is_err());
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        let v = Cli::try_parse_from(["conductor", "--version"]).unwrap_err();
+        let text = v.render().to_string();
+        assert!(
+            text.starts_with(&format!("conductor {} (", env!("CARGO_PKG_VERSION"))),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with(')'), "{text}");
     }
 
     #[test]

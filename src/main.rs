@@ -1,4 +1,5 @@
-//! The `conductor` binary: flags in, server up, one line out saying where to point a browser.
+//! The `conductor` binary: flags in, server up, one line out saying where to point a browser;
+//! or, with `healthcheck`, one question to a running server.
 
 use std::process::ExitCode;
 
@@ -6,9 +7,11 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use log::{error, info};
 
-use conductor::config::Cli;
+use conductor::config::{Cli, Command};
 use conductor::rt;
 use conductor::server::Server;
+
+mod healthcheck;
 
 /// Status for settings that cannot work (clap's own convention).
 const EXIT_USAGE: u8 = 2;
@@ -30,6 +33,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(Command::Healthcheck(args)) = &cli.command {
+        let addr = args.target(&cli);
+        return match healthcheck::check(addr, std::time::Duration::from_secs(args.timeout)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("conductor healthcheck: {reason}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut cfg = match cli.validate() {
         Ok(cfg) => cfg,
         Err(e) => {
