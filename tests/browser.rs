@@ -3,7 +3,8 @@
 //! checks both pages for console errors, live ticks, the `#bpm` control against `/stats`, tap
 //! tempo, start/stop, the library's clock offset on loopback, two drum machines scheduling the
 //! same step for the same instant, and the token form against a second server that wants a
-//! control token; it leaves screenshots in `tests/browser/screenshots/`.
+//! control token; it takes screenshots into the target directory (`UPDATE_SCREENSHOTS=1`: into
+//! `tests/browser/screenshots/`, the committed ones).
 //!
 //! Without `/usr/bin/chromium` (or `$CHROMIUM`) or `node`, the test fails when `CI` is set and
 //! is skipped, loudly, otherwise. `.ci/run` installs both.
@@ -53,7 +54,14 @@ fn pages_work_in_headless_chromium() {
     let server = Server::start(&[]);
     let guarded = Server::start(&["--control-token", "browser-test-token"]);
     let started = Instant::now();
+    // A test run leaves the committed screenshots alone; UPDATE_SCREENSHOTS=1 refreshes them.
+    let shots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        dir.join("screenshots")
+    } else {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+    };
     let out = Command::new("node")
+        .env("SCREENSHOTS_DIR", &shots)
         .arg(dir.join("run.mjs"))
         .arg(format!("http://127.0.0.1:{}", server.port))
         .arg(format!("http://127.0.0.1:{}", guarded.port))

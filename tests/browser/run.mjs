@@ -6,8 +6,9 @@
 // token before it lets anyone change the tempo.
 //
 // Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
-// check prints one line. Screenshots go to tests/browser/screenshots/. CHROMIUM overrides the
-// browser (default /usr/bin/chromium, Debian's package).
+// check prints one line. Screenshots go to $SCREENSHOTS_DIR, by default tests/browser/screenshots/
+// (the committed ones). CHROMIUM overrides the browser (default /usr/bin/chromium, Debian's
+// package).
 
 import { chromium } from "playwright-core";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
@@ -17,7 +18,8 @@ import { fileURLToPath } from "node:url";
 
 const base = (process.argv[2] || "http://127.0.0.1:3000").replace(/\/$/, "");
 const [tokenBase, token] = [process.argv[3], process.argv[4]];
-const shots = fileURLToPath(new URL("./screenshots/", import.meta.url));
+const shots =
+  process.env.SCREENSHOTS_DIR || fileURLToPath(new URL("./screenshots/", import.meta.url));
 mkdirSync(shots, { recursive: true });
 const started = Date.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
