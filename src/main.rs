@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             cfg.prewake = std::time::Duration::ZERO;
         }
     }
-    let (bpm, ppqn) = (cfg.bpm, cfg.ppqn);
+    let ppqn = cfg.ppqn;
     let server = match Server::bind(cfg) {
         Ok(server) => server,
         Err(e) => {
@@ -86,6 +86,8 @@ fn main() -> ExitCode {
         }
     };
     let addr = server.local_addr();
+    // In a cluster the shared timeline's tempo, not --bpm.
+    let bpm = server.bpm();
     let host = if addr.ip().is_unspecified() {
         "localhost".to_string()
     } else if addr.is_ipv6() {

@@ -269,6 +269,11 @@ impl Server {
         self.local_addr
     }
 
+    /// The tempo ticks are at now.
+    pub fn bpm(&self) -> Bpm {
+        self.bpm
+    }
+
     /// Runs until SIGTERM or SIGINT, then closes every client with 1001 and returns.
     pub fn run(mut self) -> Result<(), ServerError> {
         // The loop runs just below the timing thread: a tick's fan-out is not held back by
