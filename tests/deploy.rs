@@ -400,29 +400,51 @@ fn it_serves_from_an_empty_root_as_nobody() {
     );
 
     // /healthz says 503 while 8 of the last 64 ticks were late, so judge it over a full window,
-    // not in the first few ticks when it cannot yet be anything but 200. One 200 in the 15 s
-    // after that is enough: a VM stall may make a window late now and then.
+    // not in the first few ticks when it cannot yet be anything but 200. In the jail the server
+    // has no real-time priority, so other work on the machine can make a window late: it must
+    // answer 200, and `healthcheck` pass, at some point in the 30 s after that. Each 503 on the
+    // way must also make `healthcheck` fail.
     let started = Instant::now();
     while ticks_emitted(port) < 64 {
         assert!(started.elapsed() < Duration::from_secs(20), "no ticks");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut last = (0, String::new());
-    let until = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < until {
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    let healthy = loop {
         let (status, _, body) = get(port, "/healthz");
-        last = (status, body);
-        if status == 200 {
-            break;
+        let out = jail.run(&["healthcheck", "--port", &port.to_string()]);
+        if status == 200 && out.status.success() {
+            break true;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if status != 200 {
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "healthcheck passed while /healthz said {status}"
+            );
+        }
+        seen.push(format!(
+            "/healthz {status} {}; healthcheck: {}",
+            body.trim(),
+            stderr.trim()
+        ));
+        if Instant::now() > until {
+            break false;
         }
         std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(last.0, 200, "/healthz: {}\n{}", last.1, server.log());
-
-    let out = jail.run(&["healthcheck", "--port", &port.to_string()]);
+    };
     assert!(
-        out.status.success(),
-        "healthcheck against the server: {out:?}"
+        healthy,
+        "no 200 from /healthz with a passing healthcheck in 30 s (on the normal scheduler, \
+         a busy machine makes ticks late):\n{}\n{}",
+        seen.join("\n"),
+        server.log()
+    );
+    eprintln!(
+        "deploy: /healthz 200 and healthcheck 0 after {} unhealthy answer(s)",
+        seen.len()
     );
 
     let free = TcpListener::bind("127.0.0.1:0").unwrap();
