@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         }
         protocol::ClientMessage::Ping(t0) => {
             // Whatever number came in must echo back as valid JSON.
-            let reply = protocol::pong(t0, 1, 2);
+            let reply = protocol::pong(t0, 1, 2).json();
             assert!(
                 serde_json::from_str::<serde_json::Value>(&reply).is_ok(),
                 "{reply}"
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         protocol::ClientMessage::Start(_) | protocol::ClientMessage::Stop => Ok(()),
     });
     if let Err(err) = result {
-        let reply = protocol::error(&err);
+        let reply = protocol::error(&err).json();
         assert!(reply.contains(err.code()));
         assert!(
             reply.len() < 512,
