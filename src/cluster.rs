@@ -139,6 +139,9 @@ pub enum ClusterRequest {
     SetBpm(Bpm),
     Start(Quantize),
     Stop,
+    /// The timeline this instance actually started on, when Redis did not answer in time:
+    /// what it writes if it turns out to be the first.
+    Seed(SharedTimeline),
 }
 
 /// What the cluster thread tells the event loop.
@@ -163,7 +166,7 @@ pub struct ClusterStatus {
 
 /// Plans `request` over `current`: the new timeline, effective at the first tick at least
 /// `lead_ns` after `now_unix_ns` (a start, also on its quantum and at least
-/// `start_lead_ns` ahead). `None` when nothing would change.
+/// `start_lead_ns` ahead). `None` when nothing would change (or for a `Seed`).
 pub fn plan(
     current: &SharedTimeline,
     request: ClusterRequest,
@@ -176,6 +179,8 @@ pub fn plan(
     let mut next = *current;
     next.version = current.version + 1;
     match request {
+        // Not a change: the worker takes it before planning.
+        ClusterRequest::Seed(_) => return None,
         ClusterRequest::SetBpm(bpm) => {
             if bpm.milli() == current.bpm_milli {
                 return None;
@@ -233,11 +238,14 @@ impl Keys {
 }
 
 /// Writes ARGV[2] over the timeline only if its stored version is ARGV[1] (0: no timeline
-/// yet), then publishes it. Returns 1 when written. Atomic: Redis runs scripts one at a time.
+/// yet, -1: unreadable), then publishes it. Returns 1 when written. Atomic: Redis runs scripts one at a time.
 const CAS_SCRIPT: &str = r"
 local cur = redis.call('GET', KEYS[1])
 local v = 0
-if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if cur then
+  local ok, t = pcall(cjson.decode, cur)
+  if ok and type(t) == 'table' then v = tonumber(t['version']) or -1 else v = -1 end
+end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
@@ -343,8 +351,14 @@ impl Worker {
                     self.status.connected = false;
                     self.report_status();
                     // Requests made while Redis is away were refused by the loop already;
-                    // anything queued just before the loss is dropped with it.
-                    while self.requests.pop().is_ok() {}
+                    // anything queued just before the loss is dropped with it. A seed is kept.
+                    while let Ok(request) = self.requests.pop() {
+                        if let ClusterRequest::Seed(timeline) = request
+                            && self.status.version == 0
+                        {
+                            self.known = timeline;
+                        }
+                    }
                     thread::sleep(backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -387,7 +401,14 @@ impl Worker {
         let mut next_reconcile = Instant::now() + RECONCILE;
         loop {
             while let Ok(request) = self.requests.pop() {
-                self.apply(&mut conn, request)?;
+                match request {
+                    ClusterRequest::Seed(timeline) => {
+                        if self.status.version == 0 {
+                            self.known = timeline;
+                        }
+                    }
+                    request => self.apply(&mut conn, request)?,
+                }
             }
             match pubsub.get_message() {
                 Ok(msg) => {
@@ -411,20 +432,35 @@ impl Worker {
 
     /// Reads the stored timeline (the truth) and adopts it if newer; writes ours when the key
     /// is missing (first instance, or Redis restarted empty).
+    ///
+    /// A stored version below ours means Redis went back in time (restarted empty, and an
+    /// instance with an older timeline wrote first): ours is newer and is written over it, so
+    /// the instances converge instead of ignoring each other. An unreadable key is replaced.
     fn reconcile(&mut self, conn: &mut redis::Connection) -> RedisResult<()> {
         let stored: Option<String> = redis::cmd("GET").arg(&self.keys.timeline).query(conn)?;
-        match stored.and_then(|s| serde_json::from_str::<SharedTimeline>(&s).ok()) {
-            Some(timeline) => self.adopt(timeline),
-            None => {
-                let ours = serde_json::to_string(&self.known).unwrap_or_default();
-                let _: i64 = redis::Script::new(CAS_SCRIPT)
-                    .key(&self.keys.timeline)
-                    .key(&self.keys.channel)
-                    .arg(0)
-                    .arg(ours)
-                    .invoke(conn)?;
+        let first = self.status.version == 0;
+        let expected: i64 = match stored
+            .as_deref()
+            .map(serde_json::from_str::<SharedTimeline>)
+        {
+            None => 0,
+            Some(Ok(timeline)) if first || timeline.version >= self.known.version => {
+                self.adopt(timeline);
+                return Ok(());
             }
-        }
+            Some(Ok(timeline)) => i64::try_from(timeline.version).unwrap_or(-1),
+            Some(Err(e)) => {
+                warn!("cluster: the stored timeline is unreadable ({e}); writing ours over it");
+                -1
+            }
+        };
+        let ours = serde_json::to_string(&self.known).unwrap_or_default();
+        let _: i64 = redis::Script::new(CAS_SCRIPT)
+            .key(&self.keys.timeline)
+            .key(&self.keys.channel)
+            .arg(expected)
+            .arg(ours)
+            .invoke(conn)?;
         Ok(())
     }
 
@@ -448,6 +484,18 @@ impl Worker {
 
     /// Adopts `timeline` if it is newer than what this instance knows.
     fn adopt(&mut self, timeline: SharedTimeline) {
+        // Redis is shared ground: a timeline that would make the timing thread tick flat out
+        // or divide by zero is refused, whoever wrote it.
+        let sane = (1..=1_000_000).contains(&timeline.bpm_milli)
+            && (1..=960).contains(&timeline.ppqn)
+            && timeline.version < 1 << 53;
+        if !sane {
+            warn!(
+                "cluster: ignoring an impossible timeline (version {}, bpm_milli {}, ppqn {})",
+                timeline.version, timeline.bpm_milli, timeline.ppqn
+            );
+            return;
+        }
         let first = self.status.version == 0;
         if !first && timeline.version <= self.known.version {
             return;

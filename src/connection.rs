@@ -592,6 +592,19 @@ impl Connection {
         let Some(link) = &mut self.sio else {
             return;
         };
+        // A socket still probing a session takeover is not pinged (the client would take the
+        // ping for a failed probe) but may not linger either.
+        if link.upgrading_from.is_some() {
+            if now.duration_since(self.accepted) >= interval + timeout {
+                self.close_ws(
+                    CloseCode::Away,
+                    "upgrade not completed",
+                    CloseReason::PingTimeout,
+                    now,
+                );
+            }
+            return;
+        }
         match link.ping_sent {
             Some(sent) if now.duration_since(sent) >= timeout => self.close_ws(
                 CloseCode::Away,

@@ -76,6 +76,8 @@ const START_LEAD_NS: u64 = 150_000_000;
 const FANOUT_CHUNK: usize = 256;
 /// The largest long-polling payload the server sends or accepts (Engine.IO's `maxPayload`).
 const EIO_MAX_PAYLOAD: usize = 64 * 1024;
+/// The longest Engine.IO ping payload echoed back (stock clients send only `probe`).
+const MAX_PING_ECHO: usize = 16;
 
 /// Where a client message came from, and so where its replies go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +168,9 @@ pub struct Server {
     eio_ping: SharedFrame,
     /// Events polled in the pauses of a fan-out.
     fanout_events: Option<Events>,
+    /// The connection whose input is being handled: a fan-out it causes must not, in a pause,
+    /// handle that same connection's input again (it would see the same request twice).
+    driving: Option<usize>,
     /// Set with `--cluster`: tempo and transport then go through the shared timeline.
     cluster: Option<ClusterLink>,
     accept_paused_until: Option<Instant>,
@@ -219,6 +224,10 @@ impl Server {
             joined.map_or(clock.unix_ns(schedule.anchor_ns()), |s| s.transport_unix_ns);
         if let Some(link) = cluster.as_mut() {
             link.shared = joined;
+            if joined.is_none() {
+                let ours = SharedTimeline::from_schedule(&schedule, &clock);
+                link.thread.send(ClusterRequest::Seed(ours));
+            }
         }
         Ok(Server {
             bpm: schedule.bpm(),
@@ -240,6 +249,7 @@ impl Server {
             session_ids: HashMap::new(),
             eio_ping: protocol::text_frame("2"),
             fanout_events: Some(Events::with_capacity(256)),
+            driving: None,
             cfg,
             poll,
             listener: Some(listener),
@@ -433,14 +443,21 @@ impl Server {
         }
         if let Some(skey) = conn.sio.as_ref().and_then(|l| l.upgrading_from)
             && let Some(session) = self.sessions.get_mut(skey)
-            && session.upgrading == Some(key)
+            && session.prober == Some(key)
         {
-            session.upgrading = None;
+            session.prober = None;
+            session.probed = false;
         }
     }
 
     /// Handles readiness on one connection, following it through state changes.
     fn drive(&mut self, key: usize, readable: bool, writable: bool) {
+        let outer = self.driving.replace(key);
+        self.drive_one(key, readable, writable);
+        self.driving = outer;
+    }
+
+    fn drive_one(&mut self, key: usize, readable: bool, writable: bool) {
         let now = Instant::now();
         if writable && let Some(conn) = self.conns.get_mut(key) {
             self.stats.messages_sent += conn.flush();
@@ -680,7 +697,16 @@ impl Server {
             },
         };
         match (query.transport, session, req.method.as_str()) {
-            (EioTransport::WebSocket, _, "GET") => match self.check_ws_upgrade(&req) {
+            // Taking over a session adds no client, so the --max-clients check is skipped.
+            (EioTransport::WebSocket, Some(_), "GET") => match http::check_upgrade(&req) {
+                Ok(accept) => self.socketio_upgrade(key, &req, &accept, session),
+                Err(e) => {
+                    self.stats.count_refused(RefuseReason::BadUpgrade);
+                    let bytes = http::text_error(400, &e.to_string());
+                    self.respond(key, &req, 400, bytes, now)
+                }
+            },
+            (EioTransport::WebSocket, None, "GET") => match self.check_ws_upgrade(&req) {
                 Ok(accept) => self.socketio_upgrade(key, &req, &accept, session),
                 Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
             },
@@ -743,11 +769,10 @@ impl Server {
     }
 
     fn socketio_upgrade(&mut self, key: usize, req: &Request, accept: &str, from: Option<usize>) {
+        // One socket per session: a second would either take the session from the first or,
+        // joined but never counted, get every broadcast outside --max-clients.
         if let Some(skey) = from
-            && self
-                .sessions
-                .get(skey)
-                .is_some_and(|s| s.upgrading.is_some())
+            && self.sessions.get(skey).is_some_and(|s| s.prober.is_some())
         {
             return self.eio_refuse(key, req, EioError::BadRequest, &[], Instant::now());
         }
@@ -784,6 +809,14 @@ impl Server {
         });
         // A socket taking over a polling session counts once the upgrade completes (`5`); until
         // then the session is the client.
+        if let Some(skey) = from
+            && let Some(session) = self.sessions.get_mut(skey)
+        {
+            session.prober = Some(key);
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if let Some(open) = open {
             self.stats.client_opened(ClientKind::SocketIoWs);
             conn.counted = Some(ClientKind::SocketIoWs);
@@ -845,7 +878,7 @@ impl Server {
                 self.respond_polling(key, req, bytes, now);
             }
             // A client whose polling is paused for an upgrade waits for this GET to end.
-            None if session.upgrading.is_some() => {
+            None if session.probed => {
                 let bytes = Self::poll_response(req.keep_alive, &session.cors, "6");
                 self.respond_polling(key, req, bytes, now);
             }
@@ -873,6 +906,11 @@ impl Server {
             let Some(session) = self.sessions.get_mut(skey) else {
                 break;
             };
+            // The same bound as a WebSocket message (there, tungstenite closes with 1009).
+            if packet.len() > self.cfg.max_message_bytes {
+                self.close_session(skey, CloseReason::MessageTooBig);
+                return self.eio_refuse(key, req, EioError::BadRequest, &cors, now);
+            }
             match session.rate.check(now) {
                 Rate::Allow => {}
                 Rate::Refuse { warn } => {
@@ -909,7 +947,12 @@ impl Server {
         text: &str,
         received_ns: u64,
     ) -> Result<(), engineio::PacketError> {
-        match engineio::decode_packet(text)? {
+        let packet = engineio::decode_packet(text)?;
+        // A socket still probing speaks only the upgrade's packets; the session is the client.
+        if matches!(packet, Packet::Message(_)) && self.upgrading_session(peer).is_some() {
+            return Ok(());
+        }
+        match packet {
             Packet::Message(m) => self.on_sio_packet(peer, m, received_ns),
             Packet::Pong(_) => match peer {
                 Peer::Conn(key) => {
@@ -924,22 +967,30 @@ impl Server {
                 }
             },
             Packet::Ping("probe") if self.upgrading_session(peer).is_some() => {
-                let (Peer::Conn(key), Some(skey)) = (peer, self.upgrading_session(peer)) else {
+                let Some(skey) = self.upgrading_session(peer) else {
                     return Ok(());
                 };
                 self.send_packet(peer, "3probe");
                 // From now on the session's polls are answered at once, so the client's paused
                 // polling can finish and it sends `5`.
                 if let Some(session) = self.sessions.get_mut(skey) {
-                    session.upgrading = Some(key);
+                    session.probed = true;
                 }
                 self.answer_poll(skey, Some("6"));
             }
-            Packet::Ping(data) => self.send_packet(peer, &format!("3{data}")),
+            // Engine.IO v4 clients never ping; one that does gets a short echo, never a long
+            // one queued on its behalf.
+            Packet::Ping(data) if data.len() <= MAX_PING_ECHO => {
+                self.send_packet(peer, &format!("3{data}"))
+            }
+            Packet::Ping(_) => {}
             Packet::Upgrade => {
                 let (Peer::Conn(key), Some(skey)) = (peer, self.upgrading_session(peer)) else {
                     return Err(engineio::PacketError::BadType('5'));
                 };
+                if !self.sessions.get(skey).is_some_and(|s| s.probed) {
+                    return Err(engineio::PacketError::BadType('5'));
+                }
                 self.complete_upgrade(key, skey);
             }
             Packet::Noop => {}
@@ -960,13 +1011,17 @@ impl Server {
         Ok(())
     }
 
-    /// The polling session a WebSocket is taking over, if any.
+    /// The polling session a WebSocket is taking over, if any. Checked by the session's own
+    /// record of its prober: a slab key alone could by now name another client's session.
     fn upgrading_session(&self, peer: Peer) -> Option<usize> {
         let Peer::Conn(key) = peer else {
             return None;
         };
         let skey = self.conns.get(key)?.sio.as_ref()?.upgrading_from?;
-        self.sessions.contains(skey).then_some(skey)
+        self.sessions
+            .get(skey)
+            .is_some_and(|s| s.prober == Some(key))
+            .then_some(skey)
     }
 
     /// The client sent `5`: the WebSocket becomes the session. The session's rights and
@@ -1001,8 +1056,9 @@ impl Server {
         conn.counted = Some(ClientKind::SocketIoWs);
         self.stats
             .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        // What the session had queued moves over whole; the queue limit applies from here on.
         for packet in session.take_all() {
-            conn.send(&protocol::text_frame(&packet), self.cfg.max_queue);
+            conn.send(&protocol::text_frame(&packet), usize::MAX);
         }
         debug!("socket.io upgraded to websocket peer={}", conn.peer);
     }
@@ -1201,7 +1257,7 @@ impl Server {
             conn.respond(Self::poll_response(false, &session.cors, "1"), now);
             self.stats.messages_sent += conn.flush();
         }
-        if let Some(ckey) = session.upgrading
+        if let Some(ckey) = session.prober
             && let Some(conn) = self.conns.get_mut(ckey)
         {
             conn.close_ws(CloseCode::Away, "session closed", reason, now);
@@ -1352,7 +1408,7 @@ impl Server {
     /// Follows a shared timeline: the tempo through the timing thread (which announces it
     /// back as a `Tempo`), the transport here.
     fn adopt(&mut self, shared: SharedTimeline) {
-        if shared.ppqn != self.cfg.ppqn || shared.bpm_milli == 0 {
+        if shared.ppqn != self.cfg.ppqn || !(1..=1_000_000).contains(&shared.bpm_milli) {
             warn!(
                 "cluster: ignoring timeline version {} with ppqn {} (ours is {}); give every \
                  instance the same --ppqn",
@@ -1433,8 +1489,9 @@ impl Server {
         self.stats.transport_changes += 1;
         let announce = protocol::transport(&self.transport_data());
         self.refresh_timeline();
-        let timeline = self.timeline.clone();
         self.broadcast(announce);
+        // Taken after that fan-out: a change made during its pauses is the newer timeline.
+        let timeline = self.timeline.clone();
         self.broadcast(timeline);
         Ok(())
     }
@@ -1660,7 +1717,11 @@ impl Server {
             // The timing ring is drained after the fan-out (`drain_timing` waits for it).
             Ok(()) => {
                 for event in events.iter() {
-                    self.on_event(event);
+                    match event.token() {
+                        // The connection being handled right now: after it is done.
+                        Token(key) if self.driving == Some(key) => self.readable_again.push(key),
+                        _ => self.on_event(event),
+                    }
                 }
             }
             Err(e) => debug!("poll during fan-out failed: {e}"),
@@ -1671,7 +1732,11 @@ impl Server {
     fn remove_finished(&mut self) {
         let mut finished = std::mem::take(&mut self.finished);
         for key in finished.drain(..) {
-            self.remove(key);
+            // The list can outlive a pause in which the key was removed and reused by a new
+            // connection: only a connection that is really done goes.
+            if self.conns.get(key).is_some_and(Connection::is_done) {
+                self.remove(key);
+            }
         }
         self.finished = finished;
     }

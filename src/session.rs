@@ -29,9 +29,12 @@ pub struct PollSession {
     last_seen: Instant,
     ping_sent: Option<Instant>,
     last_ping: Instant,
-    /// A WebSocket (its connection key) has probed to take this session over: GETs are no
-    /// longer parked, so the client's paused polling can finish.
-    pub upgrading: Option<usize>,
+    /// The one WebSocket (its connection key) asking to take this session over, from its
+    /// upgrade request on. A session has at most one; it is closed with the session.
+    pub prober: Option<usize>,
+    /// That WebSocket has probed (`2probe`): GETs are no longer parked, so the client's paused
+    /// polling can finish and it can send `5`.
+    pub probed: bool,
     /// The CORS headers for the latest request's origin, for the responses to it.
     pub cors: Vec<String>,
 }
@@ -58,7 +61,8 @@ impl PollSession {
             last_seen: now,
             ping_sent: None,
             last_ping: now,
-            upgrading: None,
+            prober: None,
+            probed: false,
             cors: Vec::new(),
         }
     }

@@ -71,8 +71,8 @@ pub enum TimingEvent {
 pub enum TimingCommand {
     SetTempo(Bpm),
     /// Follow this schedule from its anchor on (a cluster's shared timeline). An anchor still
-    /// ahead waits for its count; one already reached applies at once, and the count jumps
-    /// forward to the schedule's present if it was behind (it never goes back).
+    /// ahead on the grid already followed waits for its count; anything else applies from the
+    /// next tick, at the count the schedule gives for now.
     Adopt(TickSchedule),
     Stop,
 }
@@ -199,6 +199,16 @@ fn apply_realtime(realtime: Realtime) {
     }
 }
 
+/// Whether `adopted` counts the same grid as `current`: `current` reaches the adopted anchor's
+/// count at the adopted anchor's instant (within 1 ms: rounding, and clocks pinned by
+/// different processes). Otherwise this instance's counts are its own, not the cluster's.
+fn same_grid(current: &TickSchedule, adopted: &TickSchedule) -> bool {
+    current
+        .deadline_ns(adopted.anchor_count())
+        .abs_diff(adopted.anchor_ns())
+        <= 1_000_000
+}
+
 /// The state the timing thread owns.
 struct Ticker {
     schedule: TickSchedule,
@@ -283,13 +293,28 @@ impl Ticker {
             match command {
                 TimingCommand::Stop => return false,
                 TimingCommand::Adopt(schedule) => {
-                    if schedule.anchor_count() > self.next {
+                    let now = self.clock.now_ns();
+                    let same_grid = same_grid(&self.schedule, &schedule);
+                    if same_grid
+                        && schedule.anchor_ns() > now
+                        && schedule.anchor_count() >= self.next
+                    {
+                        // A change ahead on the grid this thread already follows: switch at
+                        // exactly its anchor count.
                         self.pending = Some(schedule);
                     } else {
+                        // Its anchor has passed (heard late), or this instance counted on its
+                        // own while the cluster was out of reach: follow it from the next tick.
+                        // On the same grid the count never repeats; on another one the shared
+                        // count is the truth, even if it jumps back.
                         self.pending = None;
                         self.schedule = schedule;
-                        let present = schedule.first_count_at_or_after(self.clock.now_ns());
-                        self.next = self.next.max(present);
+                        let present = schedule.first_count_at_or_after(now);
+                        self.next = if same_grid {
+                            self.next.max(present)
+                        } else {
+                            present
+                        };
                     }
                     self.emit(TimingEvent::Tempo(schedule));
                 }
@@ -316,5 +341,21 @@ impl Ticker {
         }
         // A failed wake means the poll is gone (shutdown); nothing to do about it here.
         let _ = self.waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_agree_only_on_the_same_count_at_the_same_instant() {
+        let current = TickSchedule::new(Bpm::whole(120), 4, 0);
+        // Tick 40 at 5 s on the current grid; a change re-anchoring there is on it.
+        let change = TickSchedule::anchored(Bpm::whole(150), 4, 40, current.deadline_ns(40));
+        assert!(same_grid(&current, &change));
+        // An instance that counted on its own: the cluster's tick 10⁶ is not our tick 10⁶.
+        let shared = TickSchedule::anchored(Bpm::whole(120), 4, 1_000_000, 6_000_000_000);
+        assert!(!same_grid(&current, &shared));
     }
 }

@@ -348,6 +348,15 @@ fn websocket_upgrade_takes_the_session_over() {
             &[],
         )
         .expect("upgrade");
+    // One socket per session: a second one is refused, whoever sends it.
+    let second = server.ws_with(
+        &format!("/socket.io/?EIO=4&transport=websocket&sid={sid}"),
+        &[],
+    );
+    assert_eq!(second.err(), Some(400));
+    // Before the probe the socket is not the client: a namespace connect on it is ignored
+    // (the loop below fails on anything but 3probe).
+    ws.send_text("40");
     // A poll parked now is released once the probe succeeds.
     let port = server.port;
     let sid2 = sid.clone();
