@@ -444,7 +444,7 @@ impl Worker {
             .map(serde_json::from_str::<SharedTimeline>)
         {
             None => 0,
-            Some(Ok(timeline)) if first || timeline.version >= self.known.version => {
+            Some(Ok(timeline)) if first || !self.ours_wins(&timeline) => {
                 self.adopt(timeline);
                 return Ok(());
             }
@@ -455,13 +455,35 @@ impl Worker {
             }
         };
         let ours = serde_json::to_string(&self.known).unwrap_or_default();
-        let _: i64 = redis::Script::new(CAS_SCRIPT)
+        let written: i64 = redis::Script::new(CAS_SCRIPT)
             .key(&self.keys.timeline)
             .key(&self.keys.channel)
             .arg(expected)
             .arg(ours)
             .invoke(conn)?;
+        if written == 0 {
+            // Another instance wrote in between (say, two writing back to an empty Redis):
+            // follow what it wrote now, not at the next reconcile.
+            let stored: Option<String> = redis::cmd("GET").arg(&self.keys.timeline).query(conn)?;
+            if let Some(Ok(timeline)) = stored.as_deref().map(serde_json::from_str) {
+                self.adopt(timeline);
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the timeline this instance knows should replace `other` rather than follow it.
+    /// A higher version wins: it carries later changes. The same version with other content
+    /// happens when Redis restarted empty and two instances each wrote back what they had
+    /// (one of them having counted alone); then the one further along at this moment wins, so
+    /// that every instance's count only ever jumps forward, and all apply the same rule, so
+    /// they converge.
+    fn ours_wins(&self, other: &SharedTimeline) -> bool {
+        if other.version != self.known.version {
+            return self.known.version > other.version;
+        }
+        let now = unix_now_ns();
+        self.known.first_count_at_or_after(now) > other.first_count_at_or_after(now)
     }
 
     fn heartbeat(&mut self, conn: &mut redis::Connection) -> RedisResult<()> {
@@ -497,7 +519,9 @@ impl Worker {
             return;
         }
         let first = self.status.version == 0;
-        if !first && timeline.version <= self.known.version {
+        // Older versions are history, and so is a rival of the same version that ours beats
+        // (see `ours_wins`): the next reconcile writes ours over it.
+        if !first && (timeline == self.known || self.ours_wins(&timeline)) {
             return;
         }
         if !first {

@@ -690,3 +690,67 @@ fn a_late_joiner_reports_the_same_transport_instant() {
     let (wc, _) = Watch::new(&c);
     assert_eq!(wa.timeline()["transport"], wc.timeline()["transport"]);
 }
+
+#[test]
+fn an_instance_started_while_redis_is_down_joins_when_it_answers() {
+    let _serial = serial();
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    // MIDI-clock resolution, so that A's count runs far ahead of B's while B counts alone.
+    let a = instance_with(&redis, "late-redis", BPM, &["--ppqn", "24"]);
+    let (mut wa, _) = Watch::new(&a);
+    wait_connected(&[&a], true, Duration::from_secs(3));
+    redis.kill();
+    wait_connected(&[&a], false, Duration::from_secs(3));
+    // B starts while Redis is out of reach: after its join wait it counts on its own grid, at
+    // its own tempo, from 0.
+    let b = instance_with(&redis, "late-redis", "120", &["--ppqn", "24"]);
+    let (mut wb, hello) = Watch::new(&b);
+    assert_eq!(hello["data"]["bpm"], 120);
+    wb.more_ticks(2);
+    // Redis comes back empty and both write back what they have: whichever landed, the two
+    // must be on one grid at once (not when B's count reaches A's, seconds or days later).
+    redis.spawn();
+    wait_connected(&[&a, &b], true, Duration::from_secs(6));
+    // Whichever timeline won, one instance's count has jumped (maybe back), so the same count
+    // may have been seen on the other grid before: compare only ticks due from now on.
+    let cutoff = unix_us_now() + 300_000;
+    let started = Instant::now();
+    for w in [&mut wa, &mut wb] {
+        while w.ticks.values().filter(|t| t.time_us >= cutoff).count() < 12 {
+            w.read_one();
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?} to see 12 ticks each after the cut-off",
+        started.elapsed()
+    );
+    let fresh = |w: &Watch| -> BTreeMap<u64, Seen> {
+        w.ticks
+            .iter()
+            .filter(|(_, t)| t.time_us >= cutoff)
+            .map(|(&c, &t)| (c, t))
+            .collect()
+    };
+    let (fa, fb) = (fresh(&wa), fresh(&wb));
+    let common: Vec<u64> = fa.keys().filter(|c| fb.contains_key(c)).copied().collect();
+    assert!(
+        common.len() >= 8,
+        "A and B share only {} fresh counts: A {:?}, B {:?}",
+        common.len(),
+        fa.keys().collect::<Vec<_>>(),
+        fb.keys().collect::<Vec<_>>()
+    );
+    for c in common {
+        assert_eq!(
+            fa[&c].time_us, fb[&c].time_us,
+            "tick {c}: A and B disagree on its instant"
+        );
+        assert_eq!(
+            fa[&c].bpm, fb[&c].bpm,
+            "tick {c}: A and B disagree on the tempo"
+        );
+    }
+}
