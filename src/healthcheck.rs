@@ -15,7 +15,9 @@ const MAX_STATUS_LINE: usize = 256;
 /// Checks `addr` within `timeout` for connecting, and again for the answer. `Ok(())` when the
 /// answer is `200`; otherwise a one-line reason.
 pub fn check(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let timeout = timeout.max(Duration::from_millis(1));
+    // A health check that waits longer than an hour is a typo; bounding it also keeps
+    // `Instant + timeout` below from overflowing.
+    let timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(3600));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
