@@ -278,6 +278,9 @@ pub struct Connection {
     pub counted: Option<ClientKind>,
     /// For a parked long-poll GET: the polling session it waits for.
     pub parked_for: Option<usize>,
+    /// Requests answered on this connection under keep-alive: once one has been, waiting for
+    /// the next is idling, not a slow handshake.
+    served: u64,
 }
 
 /// A WebSocket connection that speaks Engine.IO / Socket.IO rather than `/ws`'s protocol.
@@ -336,6 +339,7 @@ impl Connection {
             sio: None,
             counted: None,
             parked_for: None,
+            served: 0,
         }
     }
 
@@ -447,6 +451,7 @@ impl Connection {
         };
         self.out.push_uncounted(response.into());
         self.accepted = now;
+        self.served += 1;
         self.state = State::Http { head: rest };
     }
 
@@ -649,6 +654,16 @@ impl Connection {
         }
     }
 
+    /// The peer sent EOF while we wait for its next request: what is still queued (the answer
+    /// to its last request, under keep-alive) is written before the connection ends.
+    pub fn peer_finished(&mut self, now: Instant) {
+        if self.out.is_empty() {
+            self.abort(CloseReason::ClientClosed);
+        } else {
+            self.state = closing(now);
+        }
+    }
+
     /// Ends the connection now, without a goodbye.
     pub fn abort(&mut self, why: CloseReason) {
         self.end(State::Done, why);
@@ -716,13 +731,14 @@ impl Connection {
         false
     }
 
-    /// Enforces deadlines: the handshake timeout in `Http`, the grace period in `Closing`.
-    /// Returns true when the handshake timed out.
+    /// Enforces deadlines: the handshake timeout in `Http` (the idle timeout of a kept-alive
+    /// connection), the grace period in `Closing`. Returns true when a handshake timed out:
+    /// a kept-alive connection going idle is not one.
     pub fn expire(&mut self, now: Instant, handshake_timeout: Duration) -> bool {
         match &self.state {
             State::Http { .. } if now.duration_since(self.accepted) >= handshake_timeout => {
                 self.state = State::Done;
-                true
+                self.served == 0
             }
             State::Closing { until, .. } | State::Parked { until, .. } if now >= *until => {
                 self.state = State::Done;

@@ -486,7 +486,7 @@ impl Server {
                             self.stats.count_http(e.status());
                             conn.respond(http::text_error(e.status(), &e.to_string()), now);
                         }
-                        HeadRead::Gone => conn.abort(CloseReason::ClientClosed),
+                        HeadRead::Gone => conn.peer_finished(now),
                     },
                     State::Open { .. } => match conn.read_ws(now, self.cfg.max_queue) {
                         WsRead::Message(m) => {

@@ -446,3 +446,32 @@ fn websocket_only_clients_get_the_open_packet_and_pings() {
     assert!(pinged, "no Engine.IO ping within 3 s at --ping-interval 1");
     assert_eq!(server.stats()["clients_by_protocol"]["socketio_ws"], 1);
 }
+
+#[test]
+fn kept_alive_connections_end_cleanly() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--handshake-timeout", "1"]);
+    // A client that sends its request and half-closes at once still gets the answer.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    // A kept-alive connection that goes idle is closed, and not counted as a slow handshake.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    idle.write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let _ = read_response(&mut idle);
+    let mut rest = Vec::new();
+    let started = Instant::now();
+    let _ = idle.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "idle connection kept open"
+    );
+    assert_eq!(server.stats()["refused"]["handshake_timeout"], 0);
+}
