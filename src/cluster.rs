@@ -62,9 +62,6 @@ pub struct SharedTimeline {
     pub transport_unix_ns: u64,
 }
 
-/// Nanoseconds in a minute × [`Bpm::SCALE`], as in [`crate::tempo`].
-const SCALED_NANOS_PER_MINUTE: u128 = 60_000_000_000 * Bpm::SCALE as u128;
-
 impl SharedTimeline {
     /// The timeline a first instance starts from: its own schedule (in unix time), playing.
     pub fn from_schedule(schedule: &TickSchedule, clock: &Clock) -> SharedTimeline {
@@ -85,21 +82,26 @@ impl SharedTimeline {
         Bpm::from_milli(self.bpm_milli)
     }
 
+    /// The timeline as a [`TickSchedule`] on the unix-time axis: the same exact arithmetic as
+    /// the timing thread's. (Zeros from a corrupt Redis value are lifted to 1 rather than
+    /// trusted; `adopt` refuses such a timeline anyway.)
+    fn grid(&self) -> TickSchedule {
+        TickSchedule::anchored(
+            self.bpm(),
+            self.ppqn.max(1),
+            self.anchor_count,
+            self.anchor_unix_ns,
+        )
+    }
+
     /// Unix ns of tick `count` (counts before the anchor clamp to it).
     pub fn unix_ns_of(&self, count: u64) -> u64 {
-        let k = u128::from(count.saturating_sub(self.anchor_count));
-        let divisor = u128::from(self.bpm_milli.max(1)) * u128::from(self.ppqn.max(1));
-        let span = u64::try_from(k * SCALED_NANOS_PER_MINUTE / divisor).unwrap_or(u64::MAX);
-        self.anchor_unix_ns.saturating_add(span)
+        self.grid().deadline_ns(count)
     }
 
     /// The first count at or after the anchor due at or after `unix_ns`.
     pub fn first_count_at_or_after(&self, unix_ns: u64) -> u64 {
-        let x = u128::from(unix_ns.saturating_sub(self.anchor_unix_ns));
-        let divisor = u128::from(self.bpm_milli.max(1)) * u128::from(self.ppqn.max(1));
-        let k = (x * divisor).div_ceil(SCALED_NANOS_PER_MINUTE);
-        self.anchor_count
-            .saturating_add(u64::try_from(k).unwrap_or(u64::MAX))
+        self.grid().first_count_at_or_after(unix_ns)
     }
 
     pub fn transport(&self) -> Transport {

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut cfg = match cli.validate() {
+    let cfg = match cli.validate() {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("conductor: error: {e}");
@@ -60,21 +60,6 @@ fn main() -> ExitCode {
         match rt::lock_memory() {
             Ok(()) => info!("memory locked (mlockall)"),
             Err(e) => info!("memory not locked ({e}); grant CAP_IPC_LOCK to enable"),
-        }
-    }
-    if !cfg.prewake.is_zero() {
-        // Without SCHED_FIFO the loop, polling ahead of a tick, competes with the timing
-        // thread's final spin, and on a 2-vCPU VM half the ticks came about 1 ms late.
-        let refused = if cfg.rt_priority == 0 {
-            Some("--rt-priority 0".to_string())
-        } else {
-            rt::fifo_permitted(cfg.rt_priority)
-                .err()
-                .map(|e| e.to_string())
-        };
-        if let Some(why) = refused {
-            info!("pre-wake off: no real-time priority ({why})");
-            cfg.prewake = std::time::Duration::ZERO;
         }
     }
     let ppqn = cfg.ppqn;

@@ -50,18 +50,6 @@ pub fn set_min_timer_slack() -> io::Result<()> {
     }
 }
 
-/// Whether this process may put a thread under `SCHED_FIFO` at `priority`, found by trying on a
-/// short-lived thread of its own: capabilities, `RLIMIT_RTPRIO`, cgroups and seccomp filters
-/// all have a say, so asking is the only sure test. The caller's threads are left as they are.
-pub fn fifo_permitted(priority: i32) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("conductor-rtcheck".into())
-        .stack_size(64 * 1024)
-        .spawn(move || set_fifo_priority(priority))?
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the check thread panicked")))
-}
-
 /// Locks the process's pages in memory, so that no tick waits on a page fault to disk.
 ///
 /// `MCL_ONFAULT` locks pages as they are touched rather than all at once: reserved but unused
@@ -189,13 +177,5 @@ mod tests {
             eff & (1 << CAP_IPC_LOCK) != 0
         );
         assert!(!has_effective_capability(200));
-    }
-
-    #[test]
-    fn the_fifo_check_leaves_this_thread_alone() {
-        // SAFETY: sched_getscheduler(0) only reads the calling thread's policy.
-        let before = unsafe { libc::sched_getscheduler(0) };
-        let _ = fifo_permitted(1);
-        assert_eq!(unsafe { libc::sched_getscheduler(0) }, before);
     }
 }

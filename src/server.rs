@@ -1642,28 +1642,24 @@ impl Server {
         let encoded = self.encode(event);
         let now = Instant::now();
         let limit = self.cfg.max_queue;
-        let mut written = 0;
+        let mut since_pause = 0;
         // By index, not by iterator: the pauses may add and remove connections. A client that
         // connects during a pause at a higher key gets this frame too, which is harmless.
-        let mut key = 0;
-        while key < self.conns.capacity() {
-            key += 1;
-            let Some(conn) = self.conns.get_mut(key - 1) else {
-                continue;
-            };
-            if !conn.takes_broadcasts() {
-                continue;
+        for key in 0.. {
+            if key >= self.conns.capacity() {
+                break;
             }
-            written += 1;
-            if written % FANOUT_CHUNK == 0 {
+            if since_pause == FANOUT_CHUNK {
                 self.serve_pause();
+                since_pause = 0;
             }
-            let Some(conn) = self.conns.get_mut(key - 1) else {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             if !conn.takes_broadcasts() {
                 continue;
             }
+            since_pause += 1;
             let frame = match (&conn.sio, &encoded.sio) {
                 (None, _) => &encoded.plain,
                 (Some(_), Some((frame, _))) => frame,
@@ -1683,23 +1679,22 @@ impl Server {
             self.stats.messages_sent += conn.flush();
             count_close(&mut self.stats, conn);
             if conn.is_done() {
-                self.finished.push(key - 1);
+                self.finished.push(key);
             }
         }
         if let Some((_, packet)) = &encoded.sio {
-            let mut skey = 0;
-            while skey < self.sessions.capacity() {
-                skey += 1;
-                let Some(session) = self.sessions.get_mut(skey - 1) else {
+            // No pauses here, so the slab's keys stay put.
+            for skey in 0..self.sessions.capacity() {
+                let Some(session) = self.sessions.get_mut(skey) else {
                     continue;
                 };
                 if !session.joined {
                     continue;
                 }
                 if session.push(Arc::clone(packet), limit) {
-                    self.answer_poll(skey - 1, None);
+                    self.answer_poll(skey, None);
                 } else {
-                    self.close_session(skey - 1, CloseReason::SlowConsumer);
+                    self.close_session(skey, CloseReason::SlowConsumer);
                 }
             }
         }

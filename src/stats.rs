@@ -354,6 +354,27 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     );
 }
 
+/// One metric with a single value.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    metric(out, name, kind, help);
+    let _ = writeln!(out, "conductor_{name} {value}");
+}
+
+/// One metric family with a value per `label` (e.g. `reason`).
+fn labelled<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    rows: impl IntoIterator<Item = (String, V)>,
+) {
+    metric(out, name, kind, help);
+    for (key, value) in rows {
+        let _ = writeln!(out, "conductor_{name}{{{label}=\"{key}\"}} {value}");
+    }
+}
+
 fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
     metric(out, name, "summary", help);
     let s = |ns: u64| ns as f64 / 1e9;
@@ -377,89 +398,99 @@ fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
 pub fn metrics_text(s: &Snapshot) -> String {
     let st = s.stats;
     let mut out = String::with_capacity(4096);
-    let mut simple = |name: &str, kind: &str, help: &str, value: String| {
-        metric(&mut out, name, kind, help);
-        let _ = writeln!(out, "conductor_{name} {value}");
-    };
-    simple(
+    single(
+        &mut out,
         "clients",
         "gauge",
         "Connected clients, all protocols.",
         s.clients.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "bpm",
         "gauge",
         "Current tempo in beats per minute.",
         s.bpm.as_f64().to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "ppqn",
         "gauge",
         "Ticks per quarter note.",
         s.ppqn.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "tick_count",
         "gauge",
         "Count of the last tick emitted.",
         s.count.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "uptime_seconds",
         "gauge",
         "Seconds since start.",
         s.uptime_s.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "ticks_emitted_total",
         "counter",
         "Ticks emitted by the timing thread.",
         st.ticks_emitted.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "late_ticks_total",
         "counter",
         "Ticks emitted more than 1 ms after their deadline.",
         st.late_ticks.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "dropped_ticks_total",
         "counter",
         "Ticks lost because the event loop stalled.",
         s.dropped_ticks.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "messages_sent_total",
         "counter",
         "Frames fully written to client sockets.",
         st.messages_sent.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "connections_accepted_total",
         "counter",
         "TCP connections accepted.",
         st.connections_accepted.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "client_errors_total",
         "counter",
         "Client messages answered with an error event.",
         st.client_errors.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "tempo_changes_total",
         "counter",
         "Tempo changes applied.",
         st.tempo_changes.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "transport_changes_total",
         "counter",
         "Transport starts and stops applied.",
         st.transport_changes.to_string(),
     );
-    simple(
+    single(
+        &mut out,
         "playing",
         "gauge",
         "1 while the transport plays (ticks are sent), 0 while stopped.",
@@ -478,90 +509,75 @@ pub fn metrics_text(s: &Snapshot) -> String {
         &st.fanout.summary(),
     );
     if let Some(c) = s.cluster {
-        for (name, help, value) in [
-            (
-                "cluster_connected",
-                "1 while the cluster's Redis answers.",
-                f64::from(u8::from(c.connected)),
-            ),
-            (
-                "cluster_peers",
-                "Instances with a recent heartbeat, this one included.",
-                c.peers as f64,
-            ),
-            (
-                "cluster_timeline_version",
-                "Version of the shared timeline followed.",
-                c.version as f64,
-            ),
-        ] {
-            metric(&mut out, name, "gauge", help);
-            let _ = writeln!(out, "conductor_{name} {value}");
-        }
+        let o = &mut out;
+        single(
+            o,
+            "cluster_connected",
+            "gauge",
+            "1 while the cluster's Redis answers.",
+            u8::from(c.connected),
+        );
+        single(
+            o,
+            "cluster_peers",
+            "gauge",
+            "Instances with a recent heartbeat, this one included.",
+            c.peers,
+        );
+        single(
+            o,
+            "cluster_timeline_version",
+            "gauge",
+            "Version of the shared timeline followed.",
+            c.version,
+        );
         if let Some(ms) = c.last_lead_ms {
-            metric(
-                &mut out,
+            single(
+                o,
                 "cluster_last_lead_seconds",
                 "gauge",
                 "For the last shared change: its effective instant minus when this instance heard of it.",
+                ms / 1000.0,
             );
-            let _ = writeln!(out, "conductor_cluster_last_lead_seconds {}", ms / 1000.0);
         }
     }
-    metric(
+    labelled(
         &mut out,
         "protocol_clients",
         "gauge",
         "Connected clients, by protocol (ws, socketio_ws, socketio_polling).",
+        "protocol",
+        ClientKind::ALL.map(|k| (k.label().to_string(), st.clients_of(k))),
     );
-    for k in ClientKind::ALL {
-        let _ = writeln!(
-            out,
-            "conductor_protocol_clients{{protocol=\"{}\"}} {}",
-            k.label(),
-            st.clients_of(k)
-        );
-    }
-    metric(
+    labelled(
         &mut out,
         "connections_closed_total",
         "counter",
         "WebSocket connections closed, by reason.",
+        "reason",
+        CloseReason::ALL.map(|r| (r.label().to_string(), st.closed(r))),
     );
-    for r in CloseReason::ALL {
-        let _ = writeln!(
-            out,
-            "conductor_connections_closed_total{{reason=\"{}\"}} {}",
-            r.label(),
-            st.closed(r)
-        );
-    }
-    metric(
+    labelled(
         &mut out,
         "connections_refused_total",
         "counter",
         "Connections refused before becoming clients, by reason.",
+        "reason",
+        RefuseReason::ALL
+            .iter()
+            .zip(st.refused)
+            .map(|(r, n)| (r.label().to_string(), n)),
     );
-    for (i, r) in RefuseReason::ALL.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "conductor_connections_refused_total{{reason=\"{}\"}} {}",
-            r.label(),
-            st.refused[i]
-        );
-    }
-    metric(
+    labelled(
         &mut out,
         "http_responses_total",
         "counter",
         "HTTP responses, by status.",
+        "status",
+        st.http_responses
+            .iter()
+            .map(|(status, n)| (status.to_string(), *n)),
     );
-    for (status, n) in &st.http_responses {
-        let _ = writeln!(
-            out,
-            "conductor_http_responses_total{{status=\"{status}\"}} {n}"
-        );
-    }
     out
 }
 

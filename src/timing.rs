@@ -136,7 +136,12 @@ impl TimingThread {
             .stack_size(STACK_BYTES)
             .spawn(move || {
                 let mut ticker = ticker;
-                apply_realtime(realtime);
+                if !apply_realtime(realtime) && ticker.prewake_ns > 0 {
+                    // Without SCHED_FIFO the loop, polling ahead of a tick, competes with this
+                    // thread's final spin, and on a 2-vCPU VM half the ticks came ~1 ms late.
+                    info!("timing: pre-wake off (no real-time priority)");
+                    ticker.prewake_ns = 0;
+                }
                 // Tick 0 is due 1 ms from now: counted from here, thread start-up and the
                 // priority change cannot make it late.
                 let first_ns = ticker.clock.now_ns() + 1_000_000;
@@ -184,17 +189,25 @@ impl TimingThread {
     }
 }
 
-fn apply_realtime(realtime: Realtime) {
+/// Asks for what `realtime` wants; returns whether the thread got `SCHED_FIFO`.
+fn apply_realtime(realtime: Realtime) -> bool {
     if let Err(e) = rt::set_min_timer_slack() {
         info!("timing: timer slack unchanged ({e})");
     }
-    if realtime.fifo_priority > 0 {
-        match rt::set_fifo_priority(realtime.fifo_priority) {
-            Ok(()) => info!("timing: SCHED_FIFO priority {}", realtime.fifo_priority),
-            Err(e) => info!(
+    if realtime.fifo_priority == 0 {
+        return false;
+    }
+    match rt::set_fifo_priority(realtime.fifo_priority) {
+        Ok(()) => {
+            info!("timing: SCHED_FIFO priority {}", realtime.fifo_priority);
+            true
+        }
+        Err(e) => {
+            info!(
                 "timing: no real-time priority ({e}); running on the normal scheduler \
                  (grant CAP_SYS_NICE to enable)"
-            ),
+            );
+            false
         }
     }
 }

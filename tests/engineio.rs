@@ -72,6 +72,17 @@ fn post(server: &Server, sid: &str, payload: &str) -> (u16, String) {
     (status, body(&text).to_string())
 }
 
+/// Polls for up to 3 s until a packet passes `pick`; returns what `pick` made of it.
+fn poll_for<T>(server: &Server, sid: &str, pick: impl Fn(&str) -> Option<T>) -> Option<T> {
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if let Some(found) = poll(server, sid).1.split(SEP).find_map(&pick) {
+            return Some(found);
+        }
+    }
+    None
+}
+
 /// The packets of polls until one is an event named `name`; returns its data.
 fn poll_event(server: &Server, sid: &str, name: &str) -> Value {
     let until = Instant::now() + Duration::from_secs(5);
@@ -128,24 +139,14 @@ fn polling_handshake_connect_and_ticks() {
     );
     // With a callback (an ack id), the answer comes through it.
     assert_eq!(post(&server, &sid, "4221[\"setBpm\",160]").0, 200);
-    let until = Instant::now() + Duration::from_secs(3);
-    let mut acked = false;
-    while !acked && Instant::now() < until {
-        acked = poll(&server, &sid)
-            .1
-            .split(SEP)
-            .any(|p| p == "4321[{\"ok\":true}]");
-    }
-    assert!(acked, "no ack 21 for setBpm");
+    let acked = poll_for(&server, &sid, |p| {
+        (p == "4321[{\"ok\":true}]").then_some(())
+    });
+    assert!(acked.is_some(), "no ack 21 for setBpm");
     assert_eq!(post(&server, &sid, "4222[\"setBpm\",1]").0, 200);
-    let until = Instant::now() + Duration::from_secs(3);
-    let mut refused = None;
-    while refused.is_none() && Instant::now() < until {
-        refused = poll(&server, &sid)
-            .1
-            .split(SEP)
-            .find_map(|p| p.strip_prefix("4322").map(str::to_string));
-    }
+    let refused = poll_for(&server, &sid, |p| {
+        p.strip_prefix("4322").map(str::to_string)
+    });
     let refused: Value = serde_json::from_str(&refused.expect("no ack 22")).unwrap();
     assert_eq!(refused[0]["ok"], false);
     assert_eq!(refused[0]["error"]["code"], "bpm_out_of_range");
@@ -255,15 +256,8 @@ fn engine_io_errors_are_the_ones_clients_know() {
     assert_eq!(poll_event(&server, &sid, "error")["code"], "invalid_packet");
     // An unknown namespace gets a connect error.
     assert_eq!(post(&server, &sid, "40/admin,").0, 200);
-    let until = Instant::now() + Duration::from_secs(3);
-    let mut seen = false;
-    while !seen && Instant::now() < until {
-        seen = poll(&server, &sid)
-            .1
-            .split(SEP)
-            .any(|p| p.starts_with("44/admin,"));
-    }
-    assert!(seen, "no 44 connect error for /admin");
+    let seen = poll_for(&server, &sid, |p| p.starts_with("44/admin,").then_some(()));
+    assert!(seen.is_some(), "no 44 connect error for /admin");
     // Oversized and chunked bodies.
     let big = "4".repeat(70_000);
     assert_eq!(post(&server, &sid, &big).0, 413);
