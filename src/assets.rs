@@ -15,6 +15,7 @@ pub struct Asset {
 const HTML: &str = "text/html; charset=utf-8";
 /// Browsers refuse to run an ES module served under any other type.
 const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
 
 static ASSETS: &[Asset] = &[
     Asset {
@@ -37,6 +38,12 @@ static ASSETS: &[Asset] = &[
         content_type: JS,
         body: include_bytes!("../www/conductor.js"),
     },
+    // The styles both pages share.
+    Asset {
+        path: "/base.css",
+        content_type: CSS,
+        body: include_bytes!("../www/base.css"),
+    },
 ];
 
 /// The asset served at exactly `path`.
@@ -56,6 +63,10 @@ mod tests {
     fn every_page_and_the_library_are_served() {
         assert_eq!(find("/").unwrap().body, find("/index.html").unwrap().body);
         assert_eq!(find("/drums.html").unwrap().content_type, HTML);
+        assert_eq!(find("/base.css").unwrap().content_type, CSS);
+        for page in ["/index.html", "/drums.html"] {
+            assert!(text(page).contains(r#"href="/base.css""#), "{page}");
+        }
         assert_eq!(
             find("/conductor.js").unwrap().content_type,
             "text/javascript; charset=utf-8"

@@ -98,7 +98,10 @@ try {
   const hello = await debug(index, () => window.conductorDebug.conductor.hello);
   const hasTransport = hello && "playing" in hello;
 
-  // Live ticks: the tick counter on the page moves.
+  // Live ticks: the tick counter on the page moves. "Live" is the connection; the counter
+  // shows a number from the first tick on.
+  await until("index to show a tick", async () =>
+    Number.isInteger(Number(await index.textContent("#count"))));
   const c1 = Number(await index.textContent("#count"));
   await sleep(600);
   const c2 = Number(await index.textContent("#count"));
