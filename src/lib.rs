@@ -38,6 +38,8 @@ pub mod engineio;
 pub mod http;
 pub mod lead;
 pub mod protocol;
+pub mod room;
+pub mod room_timing;
 pub mod rt;
 pub mod server;
 pub mod session;

@@ -140,6 +140,8 @@ pub enum Planned {
 ///   `current`'s grid. That tick keeps its announced instant; a new tempo spaces the ticks
 ///   after it, and moves the instant of a transport change still ahead with it.
 /// * A start also waits for its quantum: the next bar line, beat, or any tick.
+/// * A timeline has one anchor, so a tempo change still pending is either replaced at its
+///   own anchor (when the lead allows it) or waited for ([`Planned::NotBefore`]).
 /// * A transport has one pending change at most, and clients follow it as a play interval
 ///   (played from the last start until the stop). So a change against one still pending
 ///   waits until that one has begun ([`Planned::NotBefore`]): "stop, then start" within the
@@ -154,6 +156,12 @@ pub fn plan(current: &Timeline, change: Change, now_unix_ns: u64, lead_ns: u64) 
         Change::SetBpm(bpm) => {
             if bpm == current.bpm {
                 return Planned::Unchanged;
+            }
+            // A tempo change still pending and nearer than the lead: the new one would chain
+            // behind it, but a timeline holds one anchor and clients keep only the latest. It
+            // waits for that anchor. (One the lead cannot reach yet is replaced in place.)
+            if now_unix_ns < current.anchor_unix_ns && effective > current.anchor_count {
+                return Planned::NotBefore(current.anchor_unix_ns);
             }
             next.anchor_count = effective;
             next.anchor_unix_ns = current.unix_ns_of(effective);
@@ -330,6 +338,28 @@ mod tests {
     }
 
     #[test]
+    fn a_tempo_change_inside_the_lead_of_a_pending_one_waits_for_it() {
+        let t = timeline();
+        let now = T0 + 1_000_000_000;
+        let slow = changed(plan(&t, Change::SetBpm(Bpm::whole(60)), now, LEAD));
+        // 200 ms later the anchor (tick 110) is 50 ms away, inside the lead.
+        let later = now + 200_000_000;
+        assert_eq!(
+            plan(&slow, Change::SetBpm(Bpm::whole(200)), later, LEAD),
+            Planned::NotBefore(slow.anchor_unix_ns)
+        );
+        let then = changed(plan(
+            &slow,
+            Change::SetBpm(Bpm::whole(200)),
+            slow.anchor_unix_ns,
+            LEAD,
+        ));
+        // 250 ms at 60 BPM (250 ms a tick): the tick after the anchor.
+        assert_eq!(then.anchor_count, 111);
+        assert_eq!(then.anchor_unix_ns, slow.unix_ns_of(111));
+    }
+
+    #[test]
     fn schedule_moves_an_old_anchor_past_the_epoch_without_moving_ticks() {
         let t = timeline();
         let epoch = T0 + 10_000_000_001;
@@ -396,6 +426,10 @@ mod tests {
                 };
                 prop_assert_eq!(next.version, t.version + 1);
                 prop_assert!(next.anchor_count >= t.anchor_count);
+                // One pending anchor at most: a pending one is replaced in place, never chained.
+                if now < t.anchor_unix_ns {
+                    prop_assert_eq!(next.anchor_count, t.anchor_count);
+                }
                 prop_assert_eq!(next.unix_ns_of(next.anchor_count), t.unix_ns_of(next.anchor_count));
                 if let Some(at) = t.change_instant(&next) {
                     prop_assert!(at >= now + lead, "change at {} inside the lead {}", at, now + lead);
