@@ -36,6 +36,7 @@ pub mod connection;
 pub mod deadlines;
 pub mod engineio;
 pub mod http;
+pub mod hub;
 pub mod lead;
 pub mod protocol;
 pub mod room;
