@@ -38,6 +38,7 @@ pub mod engineio;
 pub mod http;
 pub mod hub;
 pub mod lead;
+pub mod metrics;
 pub mod protocol;
 pub mod room;
 pub mod room_timing;

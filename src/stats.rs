@@ -279,6 +279,18 @@ impl ServerStats {
         }
     }
 
+    pub fn refused(&self, reason: RefuseReason) -> u64 {
+        RefuseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.refused[i])
+    }
+
+    /// `(status, responses)`, by status.
+    pub fn http_responses(&self) -> &[(u16, u64)] {
+        &self.http_responses
+    }
+
     pub fn closed(&self, reason: CloseReason) -> u64 {
         CloseReason::ALL
             .iter()
