@@ -34,12 +34,9 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod deadlines;
-pub mod engineio;
-pub mod http;
 pub mod hub;
 pub mod lead;
 pub mod metrics;
-pub mod protocol;
 pub mod room;
 pub mod room_timing;
 pub mod rt;
@@ -50,3 +47,7 @@ pub mod tempo;
 pub mod timeline;
 pub mod timing;
 pub mod transport;
+pub mod wire;
+
+// The codecs moved under `wire`; their old paths stay valid.
+pub use wire::{engineio, http, protocol};
