@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
+use crate::room::RoomName;
 use crate::tempo::{BPM_CEILING, Bpm};
 
 /// What `conductor --version` prints after the name: the crate version and the git commit it
@@ -89,6 +90,35 @@ pub struct Cli {
     /// the tempo; everyone else still receives ticks.
     #[arg(long, env = "CONDUCTOR_CONTROL_TOKEN", hide_env_values = true)]
     pub control_token: Option<String>,
+
+    /// A room's own control token, NAME=TOKEN (repeatable, or comma-separated in the
+    /// environment): it lets its holder conduct that room, beside --control-token.
+    #[arg(
+        long = "room-token",
+        env = "CONDUCTOR_ROOM_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub room_tokens: Vec<String>,
+
+    /// Rooms at most, main included; joining a new room beyond them is refused.
+    #[arg(long, env = "CONDUCTOR_MAX_ROOMS", default_value_t = 1000)]
+    pub max_rooms: usize,
+
+    /// How long a room without clients lives on, with its saved state: seconds, or a number
+    /// with s, m or h (90s, 10m, 1h). main is never dropped.
+    #[arg(long, env = "CONDUCTOR_ROOM_IDLE", default_value = "10m")]
+    pub room_idle: String,
+
+    /// Rooms given their own labelled gauges in /metrics (those with the most clients);
+    /// /stats lists every room.
+    #[arg(long, env = "CONDUCTOR_METRICS_ROOMS", default_value_t = 100)]
+    pub metrics_rooms: usize,
+
+    /// Schedule every tempo and transport change exactly this many ms ahead, instead of the
+    /// lead computed from the room's measured round trips (150 ms to 1 s).
+    #[arg(long, env = "CONDUCTOR_CHANGE_LEAD_MS")]
+    pub change_lead_ms: Option<u64>,
 
     /// A browser Origin allowed to open /ws (repeatable, or comma-separated in the
     /// environment); when given, other origins get 403. Requests without Origin are allowed.
@@ -210,6 +240,13 @@ pub struct Config {
     pub mlock: bool,
     /// Redis URL, cluster name and change lead, when clustered.
     pub cluster: Option<(String, String, Duration)>,
+    /// `--room-token`s, by room.
+    pub room_tokens: Vec<(RoomName, String)>,
+    pub max_rooms: usize,
+    pub room_idle: Duration,
+    pub metrics_rooms: usize,
+    /// `--change-lead-ms`, when given.
+    pub change_lead: Option<Duration>,
 }
 
 /// A setting that cannot work, with what to do about it.
@@ -259,6 +296,40 @@ pub enum ConfigError {
     BadClusterName,
     #[error("--cluster-lead-ms {0} is out of range; use 10 to 10000")]
     BadClusterLead(u64),
+    #[error("--max-rooms {0} is out of range; use 1 to 10000")]
+    BadMaxRooms(usize),
+    #[error(
+        "--room-idle {0:?} is not a duration; give seconds, or e.g. 90s, 10m, 1h (1 s to 7 days)"
+    )]
+    BadRoomIdle(String),
+    #[error("--room-token {0:?} is not NAME=TOKEN; {1}")]
+    BadRoomToken(String, String),
+    #[error("--metrics-rooms {0} is out of range; use 0 to 10000")]
+    BadMetricsRooms(usize),
+    #[error("--change-lead-ms {0} is out of range; use 0 to 10000")]
+    BadChangeLead(u64),
+}
+
+/// A duration in seconds, or a number with `s`, `m` or `h`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(seconds))
+}
+
+/// Whether `token` can be a control token: 1 to 256 visible ASCII characters.
+fn usable_token(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 256 && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
@@ -372,7 +443,41 @@ impl Cli {
                 ))
             }
         };
+        let mut room_tokens: Vec<(RoomName, String)> = Vec::new();
+        for entry in &self.room_tokens {
+            let bad = |why: &str| ConfigError::BadRoomToken(entry.clone(), why.to_string());
+            let (name, token) = entry
+                .split_once('=')
+                .ok_or_else(|| bad("e.g. --room-token class-7b=s3cret"))?;
+            let name = RoomName::parse(name).map_err(|e| bad(&e.to_string()))?;
+            if !usable_token(token) {
+                return Err(bad("the token must be 1 to 256 visible ASCII characters"));
+            }
+            if room_tokens.iter().any(|(n, _)| *n == name) {
+                return Err(bad("that room has a token already"));
+            }
+            room_tokens.push((name, token.to_string()));
+        }
+        if !(1..=10_000).contains(&self.max_rooms) {
+            return Err(ConfigError::BadMaxRooms(self.max_rooms));
+        }
+        let room_idle = parse_duration(&self.room_idle)
+            .filter(|d| (1..=7 * 24 * 3600).contains(&d.as_secs()))
+            .ok_or_else(|| ConfigError::BadRoomIdle(self.room_idle.clone()))?;
+        if self.metrics_rooms > 10_000 {
+            return Err(ConfigError::BadMetricsRooms(self.metrics_rooms));
+        }
+        if let Some(ms) = self.change_lead_ms
+            && ms > 10_000
+        {
+            return Err(ConfigError::BadChangeLead(ms));
+        }
         Ok(Config {
+            room_tokens,
+            max_rooms: self.max_rooms,
+            room_idle,
+            metrics_rooms: self.metrics_rooms,
+            change_lead: self.change_lead_ms.map(Duration::from_millis),
             port: self.port,
             bind: self.bind,
             bpm,
@@ -532,6 +637,63 @@ mod tests {
             "{text}"
         );
         assert!(text.trim_end().ends_with(')'), "{text}");
+    }
+
+    #[test]
+    fn room_flags_are_checked() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_rooms, 1000);
+        assert_eq!(c.room_idle, Duration::from_secs(600));
+        assert_eq!(c.metrics_rooms, 100);
+        assert_eq!(c.change_lead, None);
+        for (idle, secs) in [("2", 2), ("90s", 90), ("10m", 600), ("1h", 3600)] {
+            assert_eq!(
+                parse(&["--room-idle", idle]).unwrap().room_idle.as_secs(),
+                secs
+            );
+        }
+        for bad in ["0", "8d", "m", "1.5m", "99999999999999999999"] {
+            assert!(
+                matches!(
+                    parse(&["--room-idle", bad]),
+                    Err(ConfigError::BadRoomIdle(_))
+                ),
+                "{bad}"
+            );
+        }
+        let c = parse(&[
+            "--room-token",
+            "class-7b=s3cret",
+            "--room-token",
+            "band=x",
+            "--change-lead-ms",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.room_tokens.len(), 2);
+        assert_eq!(c.room_tokens[0].0.as_str(), "class-7b");
+        assert_eq!(c.change_lead, Some(Duration::ZERO));
+        for bad in ["nonsense", "Band=x", "band=", "band=has space", "=x"] {
+            assert!(
+                matches!(
+                    parse(&["--room-token", bad]),
+                    Err(ConfigError::BadRoomToken(..))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(&["--room-token", "a=1", "--room-token", "a=2"]),
+            Err(ConfigError::BadRoomToken(..))
+        ));
+        assert_eq!(
+            parse(&["--max-rooms", "0"]).unwrap_err(),
+            ConfigError::BadMaxRooms(0)
+        );
+        assert_eq!(
+            parse(&["--change-lead-ms", "20000"]).unwrap_err(),
+            ConfigError::BadChangeLead(20_000)
+        );
     }
 
     #[test]

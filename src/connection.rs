@@ -554,6 +554,25 @@ impl Connection {
         true
     }
 
+    /// Sends a WebSocket Ping carrying `payload` (the client's Pong echoes it).
+    pub fn ping(&mut self, payload: &[u8]) {
+        if let State::Open { ws } = &mut self.state {
+            let mut io = WsIo {
+                sock: &mut self.sock,
+                out: &mut self.out,
+            };
+            // Writes into our queue; it cannot block or fail for an open context.
+            let _ = ws.write(&mut io, Message::Ping(payload.to_vec().into()));
+        }
+    }
+
+    /// Queues a frame that is not counted as a message sent (a heartbeat).
+    pub fn send_uncounted(&mut self, frame: &SharedFrame) {
+        if self.is_open() {
+            self.out.push_uncounted(Arc::clone(frame));
+        }
+    }
+
     /// Pings a client that has been silent too long, or closes one that never answered.
     pub fn keep_alive(&mut self, now: Instant, interval: Duration, timeout: Duration) {
         if !self.is_open() {

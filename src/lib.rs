@@ -37,6 +37,7 @@ pub mod deadlines;
 pub mod hub;
 pub mod lead;
 pub mod metrics;
+pub mod net;
 pub mod room;
 pub mod room_timing;
 pub mod rt;

@@ -8,8 +8,8 @@ use clap::error::ErrorKind;
 use log::{error, info};
 
 use conductor::config::{Cli, Command};
+use conductor::net::Server;
 use conductor::rt;
-use conductor::server::Server;
 
 mod healthcheck;
 

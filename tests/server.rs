@@ -87,8 +87,21 @@ fn set_bpm_reaches_every_client_and_sets_the_new_interval() {
     // ...and so does the one that asked.
     assert_eq!(a.next_event("bpmChange")["data"], 150);
 
-    // From the next tick on, the interval is 100 ms and the count runs on.
-    let ts = ticks(&mut b, 5);
+    // From the timeline's anchor on (announced a lead ahead: issue 14), the interval is
+    // 100 ms; the count runs on throughout.
+    let anchor = b.next_event("timeline")["data"]["count"].as_u64().unwrap();
+    let mut ts = ticks(&mut b, 1);
+    while ts.last().unwrap()["count"].as_u64().unwrap() < anchor {
+        let next = b.next_event("tick")["data"].clone();
+        assert_eq!(
+            next["count"].as_u64().unwrap(),
+            ts.last().unwrap()["count"].as_u64().unwrap() + 1
+        );
+        ts.push(next);
+    }
+    let from = ts.len() - 1;
+    ts.extend(ticks(&mut b, 4));
+    let ts = &ts[from..];
     for pair in ts.windows(2) {
         assert_eq!(pair[1]["bpm"], 150);
         assert_eq!(
@@ -387,6 +400,20 @@ fn two_tempo_changes_in_one_interval_space_the_next_tick_by_the_last() {
     // Both in one write, well inside one 125 ms interval.
     c.send_text(r#"{"event":"setBpm","data":60}"#);
     c.send_text(r#"{"event":"setBpm","data":200}"#);
+    // Announced a lead ahead (issue 14): the tempo changes after the timeline's anchor, so
+    // the tick spaced by the new tempo is the one after it.
+    let mut anchor = None;
+    while anchor.is_none() {
+        let m = c.next_json();
+        if m["event"] == "timeline" && m["data"]["bpm"] == 200 {
+            anchor = m["data"]["count"].as_u64();
+        }
+    }
+    let anchor = anchor.unwrap();
+    let mut before = before;
+    while before["count"].as_u64().unwrap() < anchor {
+        before = c.next_event("tick")["data"].clone();
+    }
     let next = c.next_event("tick")["data"].clone();
     assert_eq!(next["bpm"], 200, "{next}");
     assert_eq!(

@@ -213,10 +213,13 @@ fn stop_silences_ticks_and_start_comes_in_on_the_next_bar() {
     assert_eq!(first["data"]["time_us"], start["data"]["time_us"]);
     let error = (predict_us(&timeline, from) - first["data"]["time_us"].as_f64().unwrap()).abs();
     assert!(error < 1000.0);
-    assert_eq!(
-        other.next_event("tick")["data"]["count"].as_u64(),
-        Some(from)
-    );
+    // The stop is announced a lead ahead (issue 14): ticks before its count still come, then
+    // nothing until the start.
+    let mut next = other.next_event("tick");
+    while next["data"]["count"].as_u64().unwrap() < stopped_from {
+        next = other.next_event("tick");
+    }
+    assert_eq!(next["data"]["count"].as_u64(), Some(from));
     assert_eq!(server.stats()["transport"]["state"], "playing");
 }
 

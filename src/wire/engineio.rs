@@ -291,6 +291,38 @@ pub fn event(name: &str, data_json: &str) -> String {
     format!("42[{name},{data_json}]")
 }
 
+/// The `NSP,` that starts a packet for namespace `nsp` (nothing for the default `/`).
+fn nsp_prefix(nsp: &str) -> String {
+    if nsp == "/" {
+        String::new()
+    } else {
+        format!("{nsp},")
+    }
+}
+
+/// An event in namespace `nsp`: `42/nsp,["name",data]` (`42[...]` in `/`).
+pub fn event_in(nsp: &str, name: &str, data_json: &str) -> String {
+    let name = Value::from(name);
+    format!("42{}[{name},{data_json}]", nsp_prefix(nsp))
+}
+
+/// The answer to a connect to namespace `nsp`: `40/nsp,{"sid":...}`.
+pub fn connect_ok_in(nsp: &str, sid: &str) -> String {
+    format!("40{}{}", nsp_prefix(nsp), json!({ "sid": sid }))
+}
+
+/// A refused connect to `nsp` whose reason a stock client finds in `err.data`:
+/// `44/nsp,{"message":...,"data":{"code":...,"message":...}}`.
+pub fn connect_error_with(nsp: &str, message: &str, code: &str, detail: &str) -> String {
+    let body = json!({ "message": message, "data": { "code": code, "message": detail } });
+    format!("44{}{body}", nsp_prefix(nsp))
+}
+
+/// An acknowledgement in namespace `nsp`: `43/nsp,<id>[<arg>]`.
+pub fn ack_in(nsp: &str, id: u64, arg_json: &str) -> String {
+    format!("43{}{id}[{arg_json}]", nsp_prefix(nsp))
+}
+
 /// A fresh session id: 16 random bytes from the kernel, as hex. A session id is what lets a
 /// long-polling client post as itself (control rights included), so it must not be guessable:
 /// when the kernel cannot give randomness, there is no session rather than a predictable one.
@@ -467,6 +499,18 @@ mod tests {
             r#"44/admin,{"message":"Invalid namespace"}"#
         );
         assert_eq!(event("bpmChange", "140"), r#"42["bpmChange",140]"#);
+        assert_eq!(event_in("/", "tick", "1"), r#"42["tick",1]"#);
+        assert_eq!(event_in("/band", "tick", "1"), r#"42/band,["tick",1]"#);
+        assert_eq!(connect_ok_in("/", "s1"), connect_ok("s1"));
+        assert_eq!(connect_ok_in("/band", "s1"), r#"40/band,{"sid":"s1"}"#);
+        assert_eq!(ack_in("/band", 3, "{}"), "43/band,3[{}]");
+        assert_eq!(ack_in("/", 3, "{}"), ack(3, "{}"));
+        let refused =
+            connect_error_with("/b", "Invalid namespace", "one_room_per_connection", "why");
+        assert!(refused.starts_with("44/b,{"), "{refused}");
+        let v: Value = serde_json::from_str(&refused["44/b,".len()..]).unwrap();
+        assert_eq!(v["message"], "Invalid namespace");
+        assert_eq!(v["data"]["code"], "one_room_per_connection");
         assert_eq!(ack(7, r#"{"ok":true}"#), r#"437[{"ok":true}]"#);
     }
 

@@ -289,6 +289,14 @@ pub fn presented_token(req: &Request) -> Option<String> {
     })
 }
 
+/// The first value of parameter `name` in a query string, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
 /// Decodes `%XX` escapes and `+`; anything malformed is kept as it is.
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();

@@ -249,12 +249,22 @@ async function changeTempo(by, all, bpm) {
     const change = await c.waitFor("bpmChange", { from: marks[i], ms: 3000, what: `bpmChange after setBpm ${bpm}` });
     check(change.data === bpm, `${c.label}: bpmChange ${JSON.stringify(change.data)}, expected ${bpm}`);
     const after = c.log.indexOf(change) + 1;
+    let from = after;
     // A timeline follows a real change (a setBpm to the tempo already set gets bpmChange alone).
     if (!opts.seed && before[i] !== bpm) {
       const tl = await c.waitFor("timeline", { from: after, ms: 3000, what: "timeline after bpmChange" });
       check(tl.data.bpm === bpm, `${c.label}: timeline after bpmChange has bpm ${tl.data.bpm}`);
+      // conductor announces a change a lead ahead (issue 14): ticks before the timeline's
+      // anchor keep the old tempo, the new one holds from the anchor on.
+      const anchor = await c.waitFor("tick", {
+        from: after,
+        ms: 3000,
+        what: `tick ${tl.data.count}, the timeline's anchor`,
+        pred: (d) => d && d.count >= tl.data.count,
+      });
+      from = c.log.indexOf(anchor);
     }
-    const ticks = await c.ticks(5, { from: after });
+    const ticks = await c.ticks(5, { from });
     checkTicks(`${c.label} after bpmChange`, ticks, { bpm });
   }
 }

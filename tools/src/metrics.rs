@@ -58,7 +58,14 @@ impl ConnTrack {
             Some(prev) if a.count <= prev.count => self.reorders += 1,
             Some(prev) => {
                 let steps = a.count - prev.count;
-                let ideal = a.ideal_interval_ns();
+                // The server's own schedule, when it says: whatever rule it re-anchors a tempo
+                // change by (conductor keeps the announced instant of the first tick at the
+                // new tempo, so the interval into it is the old one). Otherwise each tick's own
+                // tempo, as the predecessor re-timed at once.
+                let ideal = match (prev.scheduled_us, a.scheduled_us) {
+                    (Some(p), Some(n)) if n > p => (n - p) as f64 * 1000.0 / steps as f64,
+                    _ => a.ideal_interval_ns(),
+                };
                 // Two ticks out of one read share a timestamp: the interval between them says
                 // when the probe read, not when the server sent, so it is no sample.
                 if steps == 1 && a.bpm == prev.bpm && a.at_ns != prev.at_ns {
@@ -266,9 +273,11 @@ mod tests {
         t.observe(arrival(1, 125.0), &mut rec);
         let mut fast = arrival(2, 225.0);
         fast.bpm = 150.0; // 100 ms
+        fast.scheduled_us = Some(225_000);
         t.observe(fast, &mut rec);
         fast.count = 3;
         fast.at_ns = 325_000_000;
+        fast.scheduled_us = Some(325_000);
         t.observe(fast, &mut rec);
         assert_eq!(t.drift_ns(), Some(0.0));
         assert_eq!(
@@ -276,6 +285,33 @@ mod tests {
             2,
             "the change-over interval is not jitter"
         );
+    }
+
+    #[test]
+    fn drift_follows_the_servers_schedule_across_an_anchored_change() {
+        // conductor's rule: tick 2 is the first at 150 BPM but keeps its announced instant on
+        // the old grid (250 ms); the intervals after it are 100 ms.
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        t.observe(arrival(0, 0.0), &mut rec);
+        t.observe(arrival(1, 125.0), &mut rec);
+        let mut fast = arrival(2, 250.0);
+        fast.bpm = 150.0;
+        t.observe(fast, &mut rec);
+        fast.count = 3;
+        fast.at_ns = 350_000_000;
+        fast.scheduled_us = Some(350_000);
+        t.observe(fast, &mut rec);
+        assert_eq!(t.drift_ns(), Some(0.0));
+        // Without a schedule, a server is taken to re-time at once, as the predecessor did.
+        let mut seed = ConnTrack::default();
+        for (count, at, bpm) in [(0, 0.0, 120.0), (1, 125.0, 120.0), (2, 225.0, 150.0)] {
+            let mut a = arrival(count, at);
+            a.bpm = bpm;
+            a.scheduled_us = None;
+            seed.observe(a, &mut rec);
+        }
+        assert_eq!(seed.drift_ns(), Some(0.0));
     }
 
     #[test]
