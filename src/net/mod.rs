@@ -15,7 +15,7 @@
 //! * Ticks come first: the timing ring is drained before and between connection events, and a
 //!   connection with more to read yields to a due tick instead of holding it back.
 //! * A broadcast is a fan-out job, run by the loop itself, never from inside another handler.
-//!   A job pauses every [`server::FANOUT_CHUNK`] members to serve what has arrived (pings above
+//!   A job pauses every [`fanout::FANOUT_CHUNK`] members to serve what has arrived (pings above
 //!   all); whatever the pause's handlers decide is carried out at once if it concerns one client
 //!   (a reply, a pong) and queued as a job otherwise, to run after the current one. So every
 //!   client gets its frames in order, and nothing runs recursively through the reactor.
@@ -23,8 +23,13 @@
 //! * Each broadcast is encoded at most once per protocol for its room; each close is counted
 //!   once, when it happens.
 
+mod cluster;
 pub mod eio;
+mod fanout;
 pub mod heartbeat;
-pub mod server;
+mod http;
+mod reactor;
+mod socketio;
+mod ws;
 
-pub use server::Server;
+pub use reactor::{Server, ServerError};

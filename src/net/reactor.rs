@@ -1,0 +1,929 @@
+//! The reactor: one `mio::Poll` that accepts, serves HTTP, speaks WebSocket and Engine.IO, and
+//! carries out the hub's effects, fan-outs above all.
+//!
+//! This module owns the listening socket, the slab of [`Socket`]s, the slab of
+//! [`EioSession`]s, the routes from the hub's clients to them, and the [`ServerStats`]. It
+//! decides nothing about rooms, tempo or control: it decodes what clients send, asks the
+//! [`Hub`], and does what the hub says, in the order described in [`crate::net`]. It must not
+//! sleep, block or compute tick times.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use thiserror::Error;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::clock::Clock;
+use crate::cluster::{ClusterEvents, ClusterStatus, ClusterThread, SharedTimeline};
+use crate::config::Config;
+use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
+use crate::hub::{ClientId, Effect, Hub, HubConfig};
+use crate::lead::{self, LeadPolicy};
+use crate::metrics;
+use crate::room::{RoomKey, RoomName};
+use crate::room_timing::{TimingConfig, TimingEvent, TimingEvents, TimingThread};
+use crate::rt;
+use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
+use crate::tempo::Bpm;
+use crate::timeline::Timeline;
+use crate::timing::Realtime;
+use crate::transport::TransportState;
+use crate::wire::engineio::{self};
+use crate::wire::http::{self};
+use crate::wire::protocol::{self, ClientError, Outgoing, SharedFrame};
+
+use super::cluster::*;
+use super::eio::{ConnKey, EioSession};
+use super::fanout::*;
+use super::heartbeat::{Beat, Heartbeat};
+
+pub(super) const LISTENER: Token = Token(usize::MAX - 1);
+pub(super) const WAKER: Token = Token(usize::MAX - 2);
+pub(super) const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// How often deadlines (handshake timeouts, heartbeats, idle rooms) are checked.
+pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// How long SIGTERM waits for clients to receive their close frames.
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Messages handled from one connection per readiness event before the loop moves on (and
+/// comes back after the next poll): one chatty client cannot hold everyone else.
+pub(super) const MESSAGES_PER_EVENT: usize = 64;
+/// Members a fan-out writes to before it pauses to read what clients have sent.
+pub const FANOUT_CHUNK: usize = 256;
+/// The largest long-polling payload the server sends or accepts (Engine.IO's `maxPayload`).
+pub(super) const EIO_MAX_PAYLOAD: usize = 64 * 1024;
+/// The longest Engine.IO ping payload echoed back (stock clients send only `probe`).
+pub(super) const MAX_PING_ECHO: usize = 16;
+/// How often a `/ws` client is pinged at most: each Pong is a round trip for the lead.
+pub(super) const WS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long past a tick's deadline the loop keeps busy-polling for it.
+pub(super) const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
+/// How long accepting pauses when the process is out of file descriptors.
+pub(super) const FD_BACKOFF: Duration = Duration::from_millis(250);
+/// How long `bind` waits for a cluster's timeline before starting on its own.
+pub(super) const CLUSTER_JOIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the server could not start or keep running.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}; is another server using it? pick another --port")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot set up the event loop: {0}")]
+    Poll(io::Error),
+    #[error("cannot start the timing thread: {0}")]
+    Timing(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot start the cluster thread: {0}; check --cluster")]
+    Cluster(io::Error),
+}
+
+/// What a socket serves.
+pub(super) enum Owner {
+    /// Reading HTTP requests (or parked for a session: see `Connection::parked_for`).
+    Http,
+    /// A `/ws` client.
+    Ws {
+        client: ClientId,
+        heartbeat: Heartbeat,
+    },
+    /// The WebSocket of an Engine.IO session: its transport, or probing to become it.
+    Eio(usize),
+}
+
+pub(super) struct Socket {
+    pub(super) conn: Connection,
+    pub(super) owner: Owner,
+}
+
+/// Where a hub client's frames go.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Via {
+    Ws(ConnKey),
+    /// An Engine.IO session; `named`: its namespace is `/NAME`, so packets carry the prefix.
+    Eio {
+        session: usize,
+        named: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Route {
+    pub(super) generation: u32,
+    pub(super) via: Via,
+}
+
+/// The loop's side of a cluster (`--cluster`).
+pub(super) struct ClusterLink {
+    pub(super) thread: ClusterThread,
+    pub(super) events: ClusterEvents,
+    pub(super) status: ClusterStatus,
+    /// The shared timeline last adopted.
+    pub(super) shared: Option<SharedTimeline>,
+    /// The room the cluster thread follows (main).
+    pub(super) room: RoomKey,
+}
+
+pub struct Server {
+    pub(super) cfg: Config,
+    pub(super) poll: Poll,
+    pub(super) listener: Option<TcpListener>,
+    pub(super) local_addr: SocketAddr,
+    pub(super) socks: Slab<Socket>,
+    pub(super) sessions: Slab<EioSession>,
+    pub(super) sids: HashMap<String, usize>,
+    /// By the hub client's slot.
+    pub(super) routes: Vec<Option<Route>>,
+    pub(super) hub: Hub,
+    /// The hub's effects, taken and carried out after each call.
+    pub(super) fx: Vec<Effect>,
+    pub(super) jobs: VecDeque<Job>,
+    /// A job's members, copied so that pauses may change the room.
+    pub(super) members: Vec<ClientId>,
+    pub(super) timing: Option<TimingThread>,
+    pub(super) timing_events: TimingEvents,
+    pub(super) signals: Signals,
+    pub(super) clock: Clock,
+    pub(super) stats: ServerStats,
+    pub(super) started: Instant,
+    pub(super) fanout_events: Option<Events>,
+    pub(super) cluster: Option<ClusterLink>,
+    pub(super) accept_paused_until: Option<Instant>,
+    pub(super) fd_limit_logged: bool,
+    pub(super) shutdown_by: Option<Instant>,
+    /// While set, the loop polls without sleeping: a tick is due any moment.
+    pub(super) busy_poll_until: Option<Instant>,
+    /// Connections that still had input when their budget ran out (or yielded to a tick).
+    /// Edge-triggered readiness will not report them again, so the loop revisits them.
+    pub(super) readable_again: Vec<usize>,
+    /// Connections to remove once no fan-out is iterating.
+    pub(super) finished: Vec<usize>,
+    /// Engine.IO's ping packet, as a frame.
+    pub(super) eio_ping: SharedFrame,
+    /// The state of the rooms changed since it was last handed to the state file.
+    pub(super) persist_pending: bool,
+    pub(super) skip_logged: bool,
+}
+
+impl Server {
+    /// Binds the port, starts the timing thread (and the cluster thread), and opens `main`.
+    /// Ticks start flowing at once; `run` sends them.
+    pub fn bind(cfg: Config) -> Result<Server, ServerError> {
+        let addr = SocketAddr::new(cfg.bind, cfg.port);
+        let mut listener =
+            TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(ServerError::Poll)?;
+        let poll = Poll::new().map_err(ServerError::Poll)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(ServerError::Poll)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
+        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(ServerError::Signals)?;
+        let clock = Clock::start();
+        let realtime = Realtime {
+            fifo_priority: cfg.rt_priority,
+            prewake: cfg.prewake,
+            spin: cfg.spin,
+        };
+        let (cluster, joined) = match &cfg.cluster {
+            None => (None, None),
+            Some((url, name, lead)) => {
+                let (link, joined) = join_cluster(&cfg, url, name, *lead, clock, &waker)?;
+                (Some(link), joined)
+            }
+        };
+        let timing_cfg = TimingConfig {
+            max_rooms: cfg.max_rooms,
+            ring: TimingConfig::ring_for(cfg.max_rooms, cfg.max_bpm, cfg.ppqn),
+            realtime,
+        };
+        let (timing, mut streams) =
+            TimingThread::spawn(timing_cfg, clock, vec![waker]).map_err(ServerError::Timing)?;
+        let timing_events = streams
+            .pop()
+            .ok_or_else(|| ServerError::Timing(io::Error::other("no event stream")))?;
+        let cluster_lead_ms = cfg
+            .cluster
+            .as_ref()
+            .map(|(_, _, lead)| u64::try_from(lead.as_millis()).unwrap_or(u64::MAX));
+        let hub_cfg = HubConfig {
+            bpm: cfg.bpm,
+            ppqn: cfg.ppqn,
+            beats_per_bar: cfg.beats_per_bar,
+            min_bpm: cfg.min_bpm,
+            max_bpm: cfg.max_bpm,
+            max_rooms: cfg.max_rooms,
+            room_idle_ns: u64::try_from(cfg.room_idle.as_nanos()).unwrap_or(u64::MAX),
+            control_token: cfg.control_token.clone(),
+            room_tokens: cfg.room_tokens.iter().cloned().collect(),
+            lead: LeadPolicy::new(
+                cfg.change_lead
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                cluster_lead_ms,
+            ),
+            clustered: cluster.is_some(),
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        let restored: Vec<(RoomName, Timeline)> = joined
+            .map(|shared| vec![(RoomName::main(), from_shared(&shared, cfg.beats_per_bar))])
+            .unwrap_or_default();
+        let mut fx = Vec::new();
+        let hub = Hub::new(hub_cfg, clock.unix_ns(0), clock.now_ns(), restored, &mut fx);
+        let main = hub.main();
+        let mut server = Server {
+            cfg,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            socks: Slab::new(),
+            sessions: Slab::new(),
+            sids: HashMap::new(),
+            routes: Vec::new(),
+            hub,
+            fx: Vec::new(),
+            jobs: VecDeque::new(),
+            members: Vec::new(),
+            timing: Some(timing),
+            timing_events,
+            signals,
+            clock,
+            stats: ServerStats::default(),
+            started: Instant::now(),
+            fanout_events: Some(Events::with_capacity(256)),
+            cluster: cluster.map(|(thread, events, status)| ClusterLink {
+                thread,
+                events,
+                status,
+                shared: joined,
+                room: main,
+            }),
+            accept_paused_until: None,
+            fd_limit_logged: false,
+            shutdown_by: None,
+            busy_poll_until: None,
+            readable_again: Vec::new(),
+            finished: Vec::new(),
+            eio_ping: protocol::text_frame("2"),
+            persist_pending: false,
+            skip_logged: false,
+        };
+        if let Some(link) = &server.cluster {
+            server.hub.set_cluster_connected(link.status.connected);
+        }
+        server.carry_out(fx);
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The tempo `main` ticks at now.
+    pub fn bpm(&self) -> Bpm {
+        self.hub
+            .timeline(self.hub.main())
+            .map_or(self.cfg.bpm, |t| t.bpm)
+    }
+
+    /// Runs until SIGTERM or SIGINT, then closes every client with 1001 and returns.
+    pub fn run(mut self) -> Result<(), ServerError> {
+        // The loop runs just below the timing thread: a tick's fan-out is not held back by
+        // ordinary processes, and never by the loop's own clients' noise.
+        if self.cfg.rt_priority > 1 {
+            let priority = self.cfg.rt_priority - 1;
+            match rt::set_fifo_priority(priority) {
+                Ok(()) => info!("loop: SCHED_FIFO priority {priority}"),
+                Err(e) => info!("loop: no real-time priority ({e})"),
+            }
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        loop {
+            let now = Instant::now();
+            let mut timeout = next_housekeeping.saturating_duration_since(now);
+            if let Some(by) = self.shutdown_by {
+                timeout = timeout.min(by.saturating_duration_since(now));
+            }
+            match self.busy_poll_until {
+                Some(until) if now < until => timeout = Duration::ZERO,
+                Some(_) => self.busy_poll_until = None,
+                None => {}
+            }
+            if !self.readable_again.is_empty() || !self.jobs.is_empty() {
+                timeout = Duration::ZERO;
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServerError::Poll(e));
+            }
+            self.drain_timing();
+            self.drain_cluster();
+            self.run_jobs();
+            for event in events.iter() {
+                self.on_event(event);
+                self.drain_timing();
+                self.run_jobs();
+            }
+            for key in std::mem::take(&mut self.readable_again) {
+                self.drive(key, true, false);
+                self.drain_timing();
+                self.run_jobs();
+            }
+            let now = Instant::now();
+            if now >= next_housekeeping {
+                self.housekeeping(now);
+                self.run_jobs();
+                next_housekeeping = now + HOUSEKEEPING;
+            }
+            if let Some(by) = self.shutdown_by
+                && (self.socks.is_empty() || now >= by)
+            {
+                break;
+            }
+        }
+        let left = self.socks.len();
+        let keys: Vec<usize> = self.socks.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.remove(key);
+        }
+        if let Some(timing) = self.timing.take() {
+            timing.stop();
+        }
+        info!("shutdown complete ({left} connections cut at the deadline)");
+        Ok(())
+    }
+
+    /// One readiness event. The waker's only job is to end the poll: the rings are drained
+    /// by the caller.
+    pub(super) fn on_event(&mut self, event: &mio::event::Event) {
+        match event.token() {
+            WAKER => {}
+            LISTENER => self.accept(),
+            SIGNALS => self.on_signal(),
+            Token(key) => {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                self.drive(key, readable, event.is_writable());
+            }
+        }
+    }
+
+    // ---- the hub's effects ----
+
+    /// Carries out effects in order: replies at once, broadcasts as jobs for the loop.
+    pub(super) fn carry_out(&mut self, fx: Vec<Effect>) {
+        for effect in fx {
+            match effect {
+                Effect::Reply { client, event } => self.reply(client, &event),
+                Effect::Broadcast { room, event } => {
+                    if self.shutdown_by.is_none() {
+                        self.jobs.push_back(Job {
+                            room,
+                            event,
+                            deadline_ns: None,
+                        });
+                    }
+                }
+                Effect::Timing(command) => {
+                    let sent = self.timing.as_mut().is_some_and(|t| t.send(command));
+                    if !sent {
+                        warn!("timing thread not keeping up with commands; {command:?} lost");
+                    }
+                }
+                Effect::Cluster(ask) => self.ask_cluster(ask),
+                Effect::Persist => self.persist_pending = true,
+            }
+        }
+    }
+
+    /// Takes the effects a hub call pushed and carries them out.
+    pub(super) fn settle_hub(&mut self) {
+        let fx = std::mem::take(&mut self.fx);
+        self.carry_out(fx);
+    }
+
+    pub(super) fn route(&self, client: ClientId) -> Option<Via> {
+        self.routes
+            .get(client.slot as usize)
+            .copied()
+            .flatten()
+            .filter(|r| r.generation == client.generation)
+            .map(|r| r.via)
+    }
+
+    pub(super) fn set_route(&mut self, client: ClientId, via: Via) {
+        let slot = client.slot as usize;
+        if self.routes.len() <= slot {
+            self.routes.resize(slot + 1, None);
+        }
+        self.routes[slot] = Some(Route {
+            generation: client.generation,
+            via,
+        });
+    }
+
+    /// The client leaves its room, and its route goes.
+    pub(super) fn forget(&mut self, client: ClientId) {
+        self.hub.leave(client, self.clock.now_ns());
+        if let Some(route) = self.routes.get_mut(client.slot as usize)
+            && route.is_some_and(|r| r.generation == client.generation)
+        {
+            *route = None;
+        }
+    }
+
+    /// One event to one client, in its protocol.
+    pub(super) fn reply(&mut self, client: ClientId, event: &Outgoing) {
+        match self.route(client) {
+            Some(Via::Ws(key)) => {
+                if let Some(s) = self.socks.get_mut(key) {
+                    s.conn.send(&event.frame(), self.cfg.max_queue);
+                }
+            }
+            Some(Via::Eio { session, .. }) => {
+                let Some(nsp) = self
+                    .sessions
+                    .get(session)
+                    .and_then(|s| s.joined.as_ref())
+                    .map(|j| j.nsp.clone())
+                else {
+                    return;
+                };
+                let packet = engineio::event_in(&nsp, event.name, &event.data);
+                self.send_packet(session, &packet);
+            }
+            None => {}
+        }
+    }
+
+    // ---- fan-out ----
+
+    // ---- timing and cluster ----
+
+    /// Takes every event the timing thread has queued, in order, and turns them into jobs.
+    pub(super) fn drain_timing(&mut self) {
+        while let Ok(event) = self.timing_events.pop() {
+            let now_ns = self.clock.now_ns();
+            match event {
+                TimingEvent::Tick(tick) => {
+                    self.busy_poll_until = None;
+                    self.stats.record_tick(tick.lateness_ns());
+                    if tick.lateness_ns() > stats::LATE_TICK_NS {
+                        debug!(
+                            "late tick count={} lateness_us={}",
+                            tick.count,
+                            tick.lateness_ns() / 1000
+                        );
+                    }
+                    self.stats
+                        .handoff
+                        .record(now_ns.saturating_sub(tick.emitted_ns));
+                    let jobs_before = self.jobs.len();
+                    self.hub.on_timing(&event, now_ns, &mut self.fx);
+                    self.settle_hub();
+                    // The tick's own broadcast: measure its fan-out against the deadline.
+                    if let Some(job) = self.jobs.get_mut(jobs_before)
+                        && job.event.name == "tick"
+                    {
+                        job.deadline_ns = Some(tick.deadline_ns);
+                    }
+                }
+                TimingEvent::Soon { deadline_ns } => {
+                    // Poll without sleeping until the tick is here (bounded, in case a change
+                    // moves it later).
+                    self.busy_poll_until = Some(self.clock.instant(deadline_ns) + BUSY_POLL_GRACE);
+                }
+                TimingEvent::Skipped { room, ticks } => {
+                    if !self.skip_logged {
+                        warn!(
+                            "timing thread held up: room slot {} skipped {ticks} ticks rather than \
+                             fire them late (counted in dropped_ticks; logged once)",
+                            room.slot
+                        );
+                        self.skip_logged = true;
+                    }
+                }
+                TimingEvent::Timeline { timeline, .. } => {
+                    info!(
+                        "timeline v{}: {} BPM from tick {}, {} from tick {}",
+                        timeline.version,
+                        timeline.bpm,
+                        timeline.anchor_count,
+                        timeline.transport.state(),
+                        timeline.transport.from_count()
+                    );
+                    self.hub.on_timing(&event, now_ns, &mut self.fx);
+                    self.settle_hub();
+                }
+                TimingEvent::Dropped { .. } => {}
+            }
+        }
+        self.stats.tempo_changes = self.hub.tempo_changes();
+        self.stats.transport_changes = self.hub.transport_changes();
+    }
+
+    // ---- connections ----
+
+    pub(super) fn accept(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, peer)) => self.add_connection(sock, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // These concern one connection that is already gone, not the listener.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)
+                    ) =>
+                {
+                    debug!("accept failed: {e}");
+                }
+                Err(e) => {
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the pending connection
+                    // stays in the backlog and retrying at once would spin. Pause accepting;
+                    // keep serving everyone connected.
+                    if !self.fd_limit_logged {
+                        warn!(
+                            "accept paused: {e}; raise ulimit -n if this is the open-files limit"
+                        );
+                        self.fd_limit_logged = true;
+                    }
+                    self.stats.count_refused(RefuseReason::FdLimit);
+                    self.accept_paused_until = Some(Instant::now() + FD_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn add_connection(&mut self, mut sock: TcpStream, peer: SocketAddr) {
+        // Ticks are tiny and latency is the point: never let Nagle hold one back.
+        if let Err(e) = sock.set_nodelay(true) {
+            debug!("set_nodelay failed for {peer}: {e}");
+        }
+        let entry = self.socks.vacant_entry();
+        let token = Token(entry.key());
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+        {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let rate = RateLimit::new(self.cfg.max_messages_per_sec);
+        entry.insert(Socket {
+            conn: Connection::new(sock, peer, Instant::now(), rate),
+            owner: Owner::Http,
+        });
+        self.stats.connections_accepted += 1;
+    }
+
+    /// After anything that may have written to or ended a connection: flush it, count a
+    /// close once, let its client go, and mark it for removal when done.
+    pub(super) fn after_io(&mut self, key: usize) {
+        let Some(s) = self.socks.get_mut(key) else {
+            return;
+        };
+        self.stats.messages_sent += s.conn.flush();
+        if let Some(reason) = s.conn.take_close_reason() {
+            if let Some(kind) = s.conn.counted.take() {
+                self.stats.client_closed(kind, reason);
+                debug!(
+                    "{} closed peer={} reason={}",
+                    kind.label(),
+                    s.conn.peer,
+                    reason.label()
+                );
+            }
+            match std::mem::replace(&mut s.owner, Owner::Http) {
+                Owner::Ws { client, .. } => self.forget(client),
+                Owner::Eio(skey) => self.socket_ended(skey, key, reason),
+                Owner::Http => {}
+            }
+        }
+        if self.socks.get(key).is_some_and(|s| s.conn.is_done()) {
+            self.finished.push(key);
+        }
+    }
+
+    /// An Engine.IO session's WebSocket ended: a session on it ends too (for the same
+    /// reason); one that was only probing carries on polling.
+    pub(super) fn socket_ended(&mut self, skey: usize, key: usize, reason: CloseReason) {
+        let Some(session) = self.sessions.get_mut(skey) else {
+            return;
+        };
+        if session.socket() == Some(key) {
+            self.close_session(skey, reason);
+        } else if session.prober() == Some(key) {
+            session.abandon_upgrade();
+        }
+    }
+
+    pub(super) fn remove(&mut self, key: usize) {
+        // Whatever it still owed (a close to count, a client to let go) is settled first.
+        if let Some(s) = self.socks.get_mut(key)
+            && !s.conn.is_done()
+        {
+            s.conn.abort(CloseReason::ClientClosed);
+        }
+        self.after_io(key);
+        let Some(mut s) = self.socks.try_remove(key) else {
+            return;
+        };
+        // Dropping the socket closes it, which also removes it from the poll.
+        let _ = self.poll.registry().deregister(s.conn.socket());
+        if let Owner::Eio(skey) = s.owner
+            && let Some(session) = self.sessions.get_mut(skey)
+        {
+            if session.prober() == Some(key) {
+                session.abandon_upgrade();
+            } else if session.socket() == Some(key) {
+                self.close_session(skey, CloseReason::ClientClosed);
+            }
+        }
+        // A long-poll that gave up: the session carries on without it.
+        if let Some(skey) = s.conn.parked_for
+            && let Some(session) = self.sessions.get_mut(skey)
+            && session.waiting() == Some(key)
+        {
+            session.set_waiting(None);
+        }
+    }
+
+    pub(super) fn remove_finished(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished);
+        for key in finished.drain(..) {
+            // The list can outlive a pause in which the key was removed and reused by a new
+            // connection: only a connection that is really done goes.
+            if self.socks.get(key).is_some_and(|s| s.conn.is_done()) {
+                self.remove(key);
+            }
+        }
+        self.finished = finished;
+    }
+
+    /// Handles readiness on one connection, following it through state changes. Yields to a
+    /// due tick (the loop comes back to it) instead of reading on.
+    pub(super) fn drive(&mut self, key: usize, readable: bool, writable: bool) {
+        let now = Instant::now();
+        if writable && self.socks.contains(key) {
+            self.after_io(key);
+        }
+        let mut handled = 0;
+        if readable {
+            loop {
+                if handled > 0 && !self.timing_events.is_empty() {
+                    // A chatty client must not hold back a tick that is due.
+                    self.readable_again.push(key);
+                    break;
+                }
+                let Some(s) = self.socks.get_mut(key) else {
+                    return;
+                };
+                match s.conn.state() {
+                    State::Http { .. } => match s.conn.read_head() {
+                        HeadRead::Pending => break,
+                        HeadRead::Request(req) => {
+                            self.on_request(key, req, now);
+                            // Keep-alive lets one connection pipeline requests: budget them
+                            // like WebSocket messages.
+                            handled += 1;
+                            if handled >= MESSAGES_PER_EVENT {
+                                self.readable_again.push(key);
+                                break;
+                            }
+                        }
+                        HeadRead::Invalid(e) => {
+                            self.stats.count_refused(RefuseReason::BadRequest);
+                            self.stats.count_http(e.status());
+                            s.conn
+                                .respond(http::text_error(e.status(), &e.to_string()), now);
+                        }
+                        HeadRead::Gone => s.conn.peer_finished(now),
+                    },
+                    State::Open { .. } => match s.conn.read_ws(now, self.cfg.max_queue) {
+                        WsRead::Message(m) => {
+                            match s.conn.rate.check(now) {
+                                Rate::Allow => self.on_ws_message(key, m),
+                                Rate::Refuse { warn } => {
+                                    self.stats.client_errors += 1;
+                                    if warn {
+                                        let err =
+                                            ClientError::RateLimited(self.cfg.max_messages_per_sec);
+                                        self.reply_on_socket(key, &protocol::error(&err));
+                                    }
+                                }
+                                Rate::Close => s.conn.close_ws(
+                                    CloseCode::Policy,
+                                    "too many messages",
+                                    CloseReason::RateLimited,
+                                    now,
+                                ),
+                            }
+                            handled += 1;
+                            if handled >= MESSAGES_PER_EVENT {
+                                self.readable_again.push(key);
+                                break;
+                            }
+                        }
+                        WsRead::Pending => break,
+                        WsRead::Ended(_) => {}
+                    },
+                    State::Closing { .. } | State::Parked { .. } => {
+                        if s.conn.drain_input() {
+                            self.readable_again.push(key);
+                        }
+                        break;
+                    }
+                    State::Done => break,
+                }
+                self.after_io(key);
+            }
+        }
+        self.after_io(key);
+        if self.socks.get(key).is_some_and(|s| s.conn.is_done()) {
+            self.remove(key);
+        }
+    }
+
+    // ---- HTTP ----
+
+    // ---- Engine.IO and Socket.IO ----
+
+    // ---- messages ----
+
+    // ---- housekeeping and shutdown ----
+
+    pub(super) fn housekeeping(&mut self, now: Instant) {
+        let now_ns = self.clock.now_ns();
+        let timeout = self.cfg.handshake_timeout;
+        let (interval, ping_timeout) = (self.cfg.ping_interval, self.cfg.ping_timeout);
+        let ws_interval = self.ws_probe_interval_ns();
+        let keys: Vec<usize> = self.socks.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(s) = self.socks.get_mut(key) else {
+                continue;
+            };
+            if s.conn.expire(now, timeout) {
+                self.stats.count_refused(RefuseReason::HandshakeTimeout);
+            }
+            match &mut s.owner {
+                Owner::Ws { heartbeat, .. } if s.conn.is_open() => {
+                    match heartbeat.due(now_ns, ws_interval, nanos(ping_timeout)) {
+                        Beat::Quiet => {}
+                        Beat::Ping { sent_ns } => s.conn.ping(&lead::ping_payload(sent_ns)),
+                        Beat::Dead => s.conn.close_ws(
+                            CloseCode::Away,
+                            "ping timeout",
+                            CloseReason::PingTimeout,
+                            now,
+                        ),
+                    }
+                }
+                // A socket still probing a session takeover is not pinged (the client would
+                // take the ping for a failed probe) but may not linger either.
+                Owner::Eio(skey)
+                    if s.conn.is_open()
+                        && self.sessions.get(*skey).and_then(EioSession::prober) == Some(key)
+                        && now.duration_since(s.conn.accepted) >= interval + ping_timeout =>
+                {
+                    s.conn.close_ws(
+                        CloseCode::Away,
+                        "upgrade not completed",
+                        CloseReason::PingTimeout,
+                        now,
+                    );
+                }
+                _ => {}
+            }
+            self.after_io(key);
+        }
+        self.remove_finished();
+        let skeys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for skey in skeys {
+            let Some(session) = self.sessions.get_mut(skey) else {
+                continue;
+            };
+            match session.health(now_ns, nanos(interval), nanos(ping_timeout)) {
+                Beat::Quiet => {}
+                Beat::Ping { .. } => match session.socket() {
+                    Some(socket) => {
+                        if let Some(s) = self.socks.get_mut(socket) {
+                            s.conn.send_uncounted(&self.eio_ping);
+                        }
+                        self.after_io(socket);
+                    }
+                    None => self.send_packet(skey, "2"),
+                },
+                Beat::Dead => self.close_session(skey, CloseReason::PingTimeout),
+            }
+        }
+        self.remove_finished();
+        self.hub.housekeeping(now_ns, &mut self.fx);
+        self.settle_hub();
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            self.accept();
+        }
+    }
+
+    pub(super) fn on_signal(&mut self) {
+        let mut stop = false;
+        for signal in self.signals.pending() {
+            if signal == SIGTERM || signal == SIGINT {
+                stop = true;
+            }
+        }
+        if stop && self.shutdown_by.is_none() {
+            self.begin_shutdown();
+        }
+    }
+
+    /// Stops accepting, says goodbye (1001, or Engine.IO's close packet to a parked poll) to
+    /// every client and gives them a second to hear it.
+    pub(super) fn begin_shutdown(&mut self) {
+        let now = Instant::now();
+        info!(
+            "shutting down: closing {} connections, {} Socket.IO sessions",
+            self.socks.len(),
+            self.sessions.len()
+        );
+        self.shutdown_by = Some(now + SHUTDOWN_GRACE);
+        self.jobs.clear();
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let sessions: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for skey in sessions {
+            self.close_session(skey, CloseReason::Shutdown);
+        }
+        let keys: Vec<usize> = self.socks.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(s) = self.socks.get_mut(key) else {
+                continue;
+            };
+            match s.conn.state() {
+                State::Open { .. } => s.conn.close_ws(
+                    CloseCode::Away,
+                    "server shutting down",
+                    CloseReason::Shutdown,
+                    now,
+                ),
+                State::Http { .. } | State::Parked { .. } => s.conn.abort(CloseReason::Shutdown),
+                State::Closing { .. } | State::Done => {}
+            }
+            self.after_io(key);
+        }
+        self.remove_finished();
+    }
+
+    pub(super) fn metric_table(&self) -> Vec<metrics::Metric> {
+        let main = self.hub.report(self.hub.main());
+        let rooms = self.hub.reports();
+        let snapshot = Snapshot {
+            bpm: main.as_ref().map_or(self.cfg.bpm, |r| r.bpm),
+            ppqn: self.cfg.ppqn,
+            clients: self.stats.clients,
+            count: main.as_ref().map_or(0, |r| r.count),
+            transport: main
+                .as_ref()
+                .map_or(TransportState::Playing, |r| r.transport)
+                .label(),
+            transport_count: main.as_ref().map_or(0, |r| r.transport_count),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            dropped_ticks: self.timing.as_ref().map_or(0, TimingThread::dropped_ticks),
+            cluster: self.cluster.as_ref().map(|l| l.status),
+            stats: &self.stats,
+        };
+        metrics::table(&snapshot, &rooms, self.cfg.metrics_rooms)
+    }
+}
+
+pub(super) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(super) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
