@@ -7,7 +7,7 @@
 #
 # There is no .dockerignore: BuildKit sends the builder only the paths the COPY lines name, so
 # target/ and .git stay where they are. tests/deploy.rs builds the binary the way the build
-# stage does and runs it alone in an empty root as user 65534; see the README, "Deploying".
+# stage does and runs it alone in an empty root as user 65534; see docs/deploy.md.
 
 ARG RUST_VERSION=1.95
 
