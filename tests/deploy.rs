@@ -1,17 +1,19 @@
 //! The deployed binary, as far as a machine without a Docker engine can check it.
 //!
 //! The Dockerfile builds one static binary with the `dist` profile and puts it alone into an
-//! image `FROM scratch`, run as user 65534. This test builds it the same way (musl when the
-//! target is installed, as in the Dockerfile; else glibc with `+crt-static`), into its own
-//! target directory so it never waits on the outer `cargo test`'s build lock. Then it copies the
+//! image `FROM scratch`, run as user 65534. This test builds it the same way (for musl, as in
+//! the Dockerfile; `CONDUCTOR_DEPLOY_TARGET=x86_64-unknown-linux-gnu` builds glibc with
+//! `+crt-static` instead), into its own target directory so it never waits on the outer `cargo test`'s build lock. Then it copies the
 //! binary into an empty directory and runs it there with `chroot --userspec=65534:65534`: no
 //! libraries, no `/etc`, `/proc` or `/dev`, not root. There it must answer `/healthz` and the
 //! page, pass its own `healthcheck`, stay small when idle, and exit 0 on SIGTERM.
 //!
-//! Needs root for `chroot --userspec`; without root it uses a user namespace (`unshare -r`)
-//! and runs as the invoking user instead; with neither, that test says so and is skipped
-//! (it fails under `CI`).
-//! `CONDUCTOR_DEPLOY_TARGET=x86_64-unknown-linux-gnu` forces the glibc build.
+//! Needs the musl target (`rustup target add x86_64-unknown-linux-musl`) and root for
+//! `chroot --userspec`; without root it uses a user namespace (`unshare -r`) and runs as the
+//! invoking user instead. Where something is missing the test fails and says what to install,
+//! unless `CONDUCTOR_TEST_SKIP` asks to skip it (`musl`, `jail`; `tests/common/require.rs`).
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +23,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use common::require::{self, Tool};
 
 /// The issue's targets.
 const MAX_BINARY_BYTES: u64 = 3 * 1024 * 1024;
@@ -37,19 +41,9 @@ struct Built {
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let arch = std::env::consts::ARCH;
-        let musl = format!("{arch}-unknown-linux-musl");
-        let target = if let Ok(forced) = std::env::var("CONDUCTOR_DEPLOY_TARGET") {
-            forced
-        } else if target_installed(&musl) {
-            musl
-        } else {
-            eprintln!(
-                "deploy: target {musl} is not installed (rustup target add {musl}); \
-                 building glibc with +crt-static instead of what the Dockerfile builds"
-            );
-            format!("{arch}-unknown-linux-gnu")
-        };
+        let musl = require::musl_target();
+        // The tests asked for the musl target already (`static_build_possible`).
+        let target = std::env::var("CONDUCTOR_DEPLOY_TARGET").unwrap_or(musl);
         let target_dir = static_target_dir();
         let started = Instant::now();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -76,26 +70,11 @@ fn built() -> &'static Built {
     })
 }
 
-/// Whether rustup (or the toolchain) has the standard library for `target`.
-fn target_installed(target: &str) -> bool {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", target])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .is_some_and(|dir| dir.join("libstd.rlib").exists() || has_libstd(&dir))
-}
-
-fn has_libstd(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libstd-") && name.ends_with(".rlib")
-        })
-    })
+/// Whether the static binary can be built here: the musl target the Dockerfile builds for is
+/// installed, or `CONDUCTOR_DEPLOY_TARGET` names another target. False (the skip recorded) when
+/// it is missing and `CONDUCTOR_TEST_SKIP=musl`; a failure naming the install command otherwise.
+fn static_build_possible() -> bool {
+    std::env::var_os("CONDUCTOR_DEPLOY_TARGET").is_some() || require::tools(&[Tool::MuslTarget])
 }
 
 /// `static/` beside the directory this test was built into (`target/release/deps/..`).
@@ -134,6 +113,9 @@ const DT_NEEDED: u64 = 1;
 
 #[test]
 fn the_binary_is_static_and_small() {
+    if !static_build_possible() {
+        return;
+    }
     let built = built();
     let elf = std::fs::read(&built.binary).expect("read binary");
     let headers = program_headers(&elf);
@@ -360,11 +342,16 @@ fn can_jail() -> bool {
 
 #[test]
 fn it_serves_from_an_empty_root_as_nobody() {
-    if !can_jail() {
-        let why = "tests/deploy.rs needs root (for chroot --userspec) or unprivileged user \
-                   namespaces (unshare -r), and has neither here";
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("{why}: skipped");
+    if !static_build_possible() {
+        return;
+    }
+    if !can_jail()
+        && !require::missing(
+            "jail",
+            "root (for chroot --userspec) or unprivileged user namespaces (unshare -r)",
+            "run the tests as root, or allow user namespaces: sysctl -w kernel.unprivileged_userns_clone=1",
+        )
+    {
         return;
     }
     let jail = Jail::new(&built().binary);

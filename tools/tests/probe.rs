@@ -4,11 +4,12 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Server;
+use common::require::{self, Tool};
 use serde_json::Value;
 
 fn probe_bin() -> PathBuf {
@@ -182,7 +183,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The socket.io reference server (bench/socketio-ref, installed by .ci/run with npm).
+/// The socket.io reference server (bench/socketio-ref, installed by .ci/test with npm).
 struct Node(Child);
 
 impl Drop for Node {
@@ -192,12 +193,19 @@ impl Drop for Node {
     }
 }
 
-fn socketio_server(port: u16) -> Node {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/socketio-ref");
-    assert!(
-        dir.join("node_modules/socket.io").exists(),
-        "socket.io is not installed: run `npm ci --prefix bench/socketio-ref` (.ci/run does)"
-    );
+/// The reference server on `port`; `None` (the skip recorded) when node or its npm packages
+/// are missing and `CONDUCTOR_TEST_SKIP=node`; a failure naming the install command otherwise.
+fn socketio_server(port: u16) -> Option<Node> {
+    if !require::tools(&[
+        Tool::Node,
+        Tool::NpmPackage {
+            dir: "bench/socketio-ref",
+            package: "socket.io",
+        },
+    ]) {
+        return None;
+    }
+    let dir = require::workspace_root().join("bench/socketio-ref");
     let child = Command::new("node")
         .arg("server.js")
         .current_dir(&dir)
@@ -210,13 +218,15 @@ fn socketio_server(port: u16) -> Node {
         assert!(Instant::now() < until, "socket.io server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Node(child)
+    Some(Node(child))
 }
 
 #[test]
 fn socketio_mode_measures_a_real_socketio_v4_server() {
     let port = free_port();
-    let _node = socketio_server(port);
+    let Some(_node) = socketio_server(port) else {
+        return;
+    };
     let r = probe_json(&[
         "--socketio",
         &format!("http://127.0.0.1:{port}"),
