@@ -25,6 +25,11 @@ fn probe(args: &[&str]) -> Output {
 
 /// Runs the probe with `--json` and returns the parsed report.
 fn probe_json(args: &[&str]) -> Value {
+    probe_report(args).0
+}
+
+/// Runs the probe with `--json`: the parsed report and the table it printed.
+fn probe_report(args: &[&str]) -> (Value, String) {
     let path = std::env::temp_dir().join(format!(
         "probe-{}-{}.json",
         std::process::id(),
@@ -42,7 +47,10 @@ fn probe_json(args: &[&str]) -> Value {
     );
     let text = std::fs::read_to_string(&path).expect("probe JSON written");
     let _ = std::fs::remove_file(&path);
-    serde_json::from_str(&text).expect("valid JSON")
+    (
+        serde_json::from_str(&text).expect("valid JSON"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn one_line_error(out: &Output) -> String {
@@ -59,7 +67,7 @@ fn a_3s_run_at_120_bpm_sees_about_24_ticks_and_no_gaps() {
     let url = format!("ws://127.0.0.1:{}/ws", server.port);
     let plot = std::env::temp_dir().join(format!("probe-plot-{}.svg", std::process::id()));
     let plot_str = plot.to_string_lossy().into_owned();
-    let r = probe_json(&[
+    let (r, table) = probe_report(&[
         &url,
         "--clients",
         "5",
@@ -93,6 +101,14 @@ fn a_3s_run_at_120_bpm_sees_about_24_ticks_and_no_gaps() {
     assert!(r["spread_us"]["samples"].as_u64().unwrap() >= 20, "{r}");
     assert_eq!(r["latency_valid"], true);
     assert!(r["drift_us"].as_f64().unwrap().abs() < 20_000.0, "{r}");
+    // Three seconds say nothing about drift per minute.
+    assert!(r["drift_us_per_min"].is_null(), "{r}");
+    let drift_line = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("drift"))
+        .expect("a drift line");
+    assert!(drift_line.contains("over the 3"), "{drift_line}");
+    assert!(!drift_line.contains("/min"), "{drift_line}");
     let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert!(svg.contains("<svg") && svg.contains("interval jitter"));
     let _ = std::fs::remove_file(plot);
@@ -124,18 +140,20 @@ fn the_probe_accounts_for_a_tempo_change_in_drift() {
 
 #[test]
 fn bad_targets_get_a_clear_one_line_error() {
-    // Nothing listening.
+    // Nothing listening: it fails at once, without waiting out the duration or printing a
+    // table of zeros first.
     let port = free_port();
-    let line = one_line_error(&probe(&[
-        &format!("ws://127.0.0.1:{port}/ws"),
-        "--duration",
-        "1",
-        "--timeout",
-        "2",
-    ]));
-    assert!(
-        line.contains("refused") || line.contains("connect"),
-        "{line}"
+    let started = Instant::now();
+    let out = probe(&[&format!("ws://127.0.0.1:{port}/ws"), "--duration", "30"]);
+    let took = started.elapsed();
+    let line = one_line_error(&out);
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(line.contains("is the server running"), "{line}");
+    assert!(took < Duration::from_secs(5), "took {took:?} to give up");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "a report was printed for a run that measured nothing"
     );
 
     // A server that answers, but not with a WebSocket upgrade.
