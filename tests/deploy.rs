@@ -654,14 +654,10 @@ fn podman_installed() -> bool {
 
 const ENGINE_PACKAGES: &str = "apt-get install -y podman buildah crun runc uidmap fuse-overlayfs";
 
-/// Fails the test: no engine that can `what`; or records the skip when
-/// `CONDUCTOR_TEST_SKIP=podman` asks for it.
+/// Fails the test: `what` (an engine, or one that works) is missing; or records the skip
+/// when `CONDUCTOR_TEST_SKIP=podman` asks for it.
 fn no_engine(what: &str) {
-    let go_on = require::missing(
-        "podman",
-        &format!("a container engine that can {what}"),
-        ENGINE_PACKAGES,
-    );
+    let go_on = require::missing("podman", what, ENGINE_PACKAGES);
     assert!(!go_on, "require::missing returns only to skip");
 }
 
@@ -683,7 +679,7 @@ fn the_image_runs_under_podman() {
         return;
     }
     if !podman_installed() {
-        return no_engine("be started: podman is not installed");
+        return no_engine("podman (a container engine)");
     }
     let binary = &built().binary;
     let mut engine = Engine::new();
@@ -720,9 +716,15 @@ fn the_image_runs_under_podman() {
         Ok(out) if out.status.success() => out,
         Ok(out) => {
             let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
-            return no_engine(&format!("build images here (podman build: {why})"));
+            return no_engine(&format!(
+                "a container engine that can build images here (podman build: {why})"
+            ));
         }
-        Err(why) => return no_engine(&format!("build images here ({why})")),
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can build images here ({why})"
+            ));
+        }
     };
     let log = String::from_utf8_lossy(&built_image.stdout);
     assert!(
@@ -758,7 +760,11 @@ fn the_image_runs_under_podman() {
 
     match engine.choose_runtime(&image) {
         Ok(runtime) => eprintln!("deploy: podman runs the image with {runtime}"),
-        Err(why) => return no_engine(&format!("run containers here ({why})")),
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can run containers here ({why})"
+            ));
+        }
     }
 
     // Published on a free loopback port, as `docker run -p` would.
