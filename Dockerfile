@@ -7,7 +7,12 @@
 #
 # There is no .dockerignore: BuildKit sends the builder only the paths the COPY lines name, so
 # target/ and .git stay where they are. tests/deploy.rs builds the binary the way the build
-# stage does and runs it alone in an empty root as user 65534; see the README, "Deploying".
+# stage does, runs it alone in an empty root as user 65534, and builds the final stage from it
+# with podman, standing a directory that holds the binary in for the build stage:
+#
+#   podman build --format docker --build-context build=DIR -t conductor DIR
+#
+# then runs that image, its HEALTHCHECK and its STOPSIGNAL; see docs/deploy.md.
 
 ARG RUST_VERSION=1.95
 

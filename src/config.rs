@@ -417,7 +417,7 @@ impl Cli {
         let cluster = match &self.cluster {
             None => None,
             Some(url) => {
-                // Plain TCP only: the redis crate is built without TLS (see README).
+                // Plain TCP only: the redis crate is built without TLS (see docs/cluster.md).
                 let valid = url
                     .strip_prefix("redis://")
                     .is_some_and(|rest| !rest.is_empty());

@@ -6,50 +6,33 @@
 //! control token; it takes screenshots into the target directory (`UPDATE_SCREENSHOTS=1`: into
 //! `tests/browser/screenshots/`, the committed ones).
 //!
-//! Without `/usr/bin/chromium` (or `$CHROMIUM`) or `node`, the test fails when `CI` is set and
-//! is skipped, loudly, otherwise. `.ci/run` installs both.
+//! Needs `/usr/bin/chromium` (or `$CHROMIUM`), `node` and `npm ci --prefix tests/browser`;
+//! without them it fails with the command that installs them, unless `CONDUCTOR_TEST_SKIP`
+//! asks to skip (`tests/common/require.rs`). `.ci/test` installs all three.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use common::Server;
-
-fn missing(what: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is missing and CI is set: .ci/run installs it");
-    }
-    eprintln!("\n*** SKIPPED the browser test: {what} is missing (see .ci/run) ***\n");
-    true
-}
-
-fn have_node() -> bool {
-    Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use common::require::{self, Tool};
 
 #[test]
 fn pages_work_in_headless_chromium() {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() && missing(&chromium) {
+    if !require::tools(&[
+        Tool::Chromium,
+        Tool::Node,
+        Tool::NpmPackage {
+            dir: "tests/browser",
+            package: "playwright-core",
+        },
+    ]) {
         return;
     }
-    if !have_node() && missing("node") {
-        return;
-    }
+    let chromium = require::chromium();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm ci --prefix tests/browser failed");
-    }
 
     let server = Server::start(&[]);
     let guarded = Server::start(&["--control-token", "browser-test-token"]);

@@ -2,8 +2,9 @@
 //! port and two or three real `conductor` processes joined to it.
 //!
 //! Each test starts its own Redis and uses its own cluster name. Without `redis-server` (Debian
-//! package `redis-server`; `.ci/run` installs it) the tests fail when `CI` is set and are
-//! skipped, loudly, otherwise. They run one at a time: the alignment test measures arrival
+//! package `redis-server`; `.ci/test` installs it) the tests fail with the command that
+//! installs it, unless `CONDUCTOR_TEST_SKIP=redis` asks to skip them (`tests/common/require.rs`).
+//! They run one at a time: the alignment test measures arrival
 //! times, and two cores shared with other tests would only add noise to it.
 
 mod common;
@@ -16,6 +17,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::require::{self, Tool};
 use common::{Client, Server};
 use serde_json::{Value, json};
 
@@ -54,26 +56,10 @@ struct Redis {
 }
 
 impl Redis {
-    /// A new server on a free port; `None` (after saying so) when `redis-server` is missing
-    /// and `CI` is not set.
+    /// A new server on a free port; `None` (the skip recorded) when `redis-server` is missing
+    /// and `CONDUCTOR_TEST_SKIP` covers it; a failure naming the install command otherwise.
     fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed (Debian package redis-server); CI must have it"
-            );
-            // Straight to stderr: the test harness captures eprintln!, and a skip must show.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n!!! SKIPPED: redis-server is not installed, so the cluster tests did not run.\n\
-                 !!! apt-get install redis-server (or run .ci/run, which installs it).\n"
-            );
+        if !require::tools(&[Tool::RedisServer]) {
             return None;
         }
         let mut redis = Redis {

@@ -1,17 +1,19 @@
 //! The deployed binary, as far as a machine without a Docker engine can check it.
 //!
 //! The Dockerfile builds one static binary with the `dist` profile and puts it alone into an
-//! image `FROM scratch`, run as user 65534. This test builds it the same way (musl when the
-//! target is installed, as in the Dockerfile; else glibc with `+crt-static`), into its own
-//! target directory so it never waits on the outer `cargo test`'s build lock. Then it copies the
+//! image `FROM scratch`, run as user 65534. This test builds it the same way (for musl, as in
+//! the Dockerfile; `CONDUCTOR_DEPLOY_TARGET=x86_64-unknown-linux-gnu` builds glibc with
+//! `+crt-static` instead), into its own target directory so it never waits on the outer `cargo test`'s build lock. Then it copies the
 //! binary into an empty directory and runs it there with `chroot --userspec=65534:65534`: no
 //! libraries, no `/etc`, `/proc` or `/dev`, not root. There it must answer `/healthz` and the
 //! page, pass its own `healthcheck`, stay small when idle, and exit 0 on SIGTERM.
 //!
-//! Needs root for `chroot --userspec`; without root it uses a user namespace (`unshare -r`)
-//! and runs as the invoking user instead; with neither, that test says so and is skipped
-//! (it fails under `CI`).
-//! `CONDUCTOR_DEPLOY_TARGET=x86_64-unknown-linux-gnu` forces the glibc build.
+//! Needs the musl target (`rustup target add x86_64-unknown-linux-musl`) and root for
+//! `chroot --userspec`; without root it uses a user namespace (`unshare -r`) and runs as the
+//! invoking user instead. Where something is missing the test fails and says what to install,
+//! unless `CONDUCTOR_TEST_SKIP` asks to skip it (`musl`, `jail`; `tests/common/require.rs`).
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +23,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use common::require::{self, Tool};
 
 /// The issue's targets.
 const MAX_BINARY_BYTES: u64 = 3 * 1024 * 1024;
@@ -37,19 +41,9 @@ struct Built {
 fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let arch = std::env::consts::ARCH;
-        let musl = format!("{arch}-unknown-linux-musl");
-        let target = if let Ok(forced) = std::env::var("CONDUCTOR_DEPLOY_TARGET") {
-            forced
-        } else if target_installed(&musl) {
-            musl
-        } else {
-            eprintln!(
-                "deploy: target {musl} is not installed (rustup target add {musl}); \
-                 building glibc with +crt-static instead of what the Dockerfile builds"
-            );
-            format!("{arch}-unknown-linux-gnu")
-        };
+        let musl = require::musl_target();
+        // The tests asked for the musl target already (`static_build_possible`).
+        let target = std::env::var("CONDUCTOR_DEPLOY_TARGET").unwrap_or(musl);
         let target_dir = static_target_dir();
         let started = Instant::now();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -76,26 +70,11 @@ fn built() -> &'static Built {
     })
 }
 
-/// Whether rustup (or the toolchain) has the standard library for `target`.
-fn target_installed(target: &str) -> bool {
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", target])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .is_some_and(|dir| dir.join("libstd.rlib").exists() || has_libstd(&dir))
-}
-
-fn has_libstd(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libstd-") && name.ends_with(".rlib")
-        })
-    })
+/// Whether the static binary can be built here: the musl target the Dockerfile builds for is
+/// installed, or `CONDUCTOR_DEPLOY_TARGET` names another target. False (the skip recorded) when
+/// it is missing and `CONDUCTOR_TEST_SKIP=musl`; a failure naming the install command otherwise.
+fn static_build_possible() -> bool {
+    std::env::var_os("CONDUCTOR_DEPLOY_TARGET").is_some() || require::tools(&[Tool::MuslTarget])
 }
 
 /// `static/` beside the directory this test was built into (`target/release/deps/..`).
@@ -134,6 +113,9 @@ const DT_NEEDED: u64 = 1;
 
 #[test]
 fn the_binary_is_static_and_small() {
+    if !static_build_possible() {
+        return;
+    }
     let built = built();
     let elf = std::fs::read(&built.binary).expect("read binary");
     let headers = program_headers(&elf);
@@ -360,11 +342,16 @@ fn can_jail() -> bool {
 
 #[test]
 fn it_serves_from_an_empty_root_as_nobody() {
-    if !can_jail() {
-        let why = "tests/deploy.rs needs root (for chroot --userspec) or unprivileged user \
-                   namespaces (unshare -r), and has neither here";
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("{why}: skipped");
+    if !static_build_possible() {
+        return;
+    }
+    if !can_jail()
+        && !require::missing(
+            "jail",
+            "root (for chroot --userspec) or unprivileged user namespaces (unshare -r)",
+            "run the tests as root, or allow user namespaces: sysctl -w kernel.unprivileged_userns_clone=1",
+        )
+    {
         return;
     }
     let jail = Jail::new(&built().binary);
@@ -486,4 +473,402 @@ fn it_serves_from_an_empty_root_as_nobody() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0), "exit status after SIGTERM\n{}", server.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image under a real container engine
+
+/// Podman with storage, run root and configuration of its own under the system's temporary
+/// directory (short paths: conmon's sockets live under the run root), so the test neither sees
+/// nor leaves images and containers in the machine's own store. Removed on drop.
+struct Engine {
+    dir: PathBuf,
+    /// `--runtime` when the engine's default runtime cannot run containers here.
+    runtime: Option<String>,
+}
+
+impl Engine {
+    fn new() -> Engine {
+        let dir = std::env::temp_dir().join(format!("conductor-podman-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the engine's directory");
+        // crun and runc refuse to raise RLIMIT_NOFILE/RLIMIT_NPROC above the hard limits of
+        // the process that starts them, and podman as root asks for 1048576 open files by
+        // default: ask for what this process is allowed. The server needs a handful of
+        // threads, and as many open files as its clients.
+        let nofile = hard_limit(libc::RLIMIT_NOFILE).min(65_536);
+        let nproc = hard_limit(libc::RLIMIT_NPROC).min(4_096);
+        // cgroupfs, and events in a file: the engine must not need a running systemd.
+        let conf = format!(
+            "[containers]\n\
+             default_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
+             [engine]\n\
+             cgroup_manager = \"cgroupfs\"\n\
+             events_logger = \"file\"\n"
+        );
+        std::fs::write(dir.join("containers.conf"), conf).expect("write containers.conf");
+        Engine { dir, runtime: None }
+    }
+
+    fn podman(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            // vfs: plain directories, so storage works on any filesystem, nested or not.
+            .args(["--storage-driver", "vfs"]);
+        if let Some(runtime) = &self.runtime {
+            cmd.args(["--runtime", runtime]);
+        }
+        cmd.args(args).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `podman args…` to the end (at most `limit`): its output, or why it failed.
+    fn run(&self, args: &[&str], limit: Duration) -> Result<Output, String> {
+        let mut child = self
+            .podman(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run podman: {e}"))?;
+        let (tx, rx) = mpsc::channel();
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            let mut err = String::new();
+            if let Some(mut s) = stdout {
+                let _ = s.read_to_string(&mut out);
+            }
+            if let Some(mut s) = stderr {
+                let _ = s.read_to_string(&mut err);
+            }
+            let _ = tx.send((out, err));
+        });
+        let Ok((out, err)) = rx.recv_timeout(limit) else {
+            // SAFETY: kill with a pid we spawned and have not waited for.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(format!("`podman {}` took over {limit:?}", args.join(" ")));
+        };
+        let status = child.wait().map_err(|e| e.to_string())?;
+        Ok(Output {
+            status,
+            stdout: out.into_bytes(),
+            stderr: err.into_bytes(),
+        })
+    }
+
+    /// `podman args…`, which must succeed: its stdout.
+    fn ok(&self, args: &[&str], limit: Duration) -> String {
+        let out = self.run(args, limit).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "`podman {}` failed ({}):\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Picks the first runtime that can start a container from `image` here: the engine's
+    /// default (crun on Debian), else runc, which also runs on hosts with cgroup controllers
+    /// on both hierarchies at once (crun refuses those). The reasons, when none can.
+    fn choose_runtime(&mut self, image: &str) -> Result<String, String> {
+        let mut reasons = Vec::new();
+        for runtime in [None, Some("runc")] {
+            self.runtime = runtime.map(str::to_string);
+            let name = runtime.unwrap_or("the default runtime");
+            let tried = self.run(
+                &[
+                    "run",
+                    "--rm",
+                    "--entrypoint",
+                    "/conductor",
+                    image,
+                    "--version",
+                ],
+                Duration::from_secs(60),
+            );
+            match tried {
+                Ok(out) if out.status.success() => return Ok(name.to_string()),
+                Ok(out) => reasons.push(format!(
+                    "{name}: {}",
+                    last_error_line(&String::from_utf8_lossy(&out.stderr))
+                )),
+                Err(e) => reasons.push(format!("{name}: {e}")),
+            }
+        }
+        self.runtime = None;
+        Err(reasons.join("; "))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Containers first (their network and mounts), then the store itself.
+        let _ = self.run(&["rm", "--all", "--force"], Duration::from_secs(30));
+        let _ = self.run(&["rmi", "--all", "--force"], Duration::from_secs(30));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let ok = unsafe { libc::getrlimit(resource, &mut lim) } == 0;
+    assert!(ok, "getrlimit: {}", std::io::Error::last_os_error());
+    lim.rlim_max
+}
+
+/// The line of an engine's stderr that says what went wrong (podman logs other errors too,
+/// e.g. that it cannot reach systemd for health-check timers).
+fn last_error_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("Error:"))
+        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("no message")
+        .trim()
+        .to_string()
+}
+
+/// Whether podman is installed and answers.
+fn podman_installed() -> bool {
+    Command::new("podman")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+const ENGINE_PACKAGES: &str = "apt-get install -y podman buildah crun runc uidmap fuse-overlayfs";
+
+/// Fails the test: `what` (an engine, or one that works) is missing; or records the skip
+/// when `CONDUCTOR_TEST_SKIP=podman` asks for it.
+fn no_engine(what: &str) {
+    let go_on = require::missing("podman", what, ENGINE_PACKAGES);
+    assert!(!go_on, "require::missing returns only to skip");
+}
+
+/// Docker's name for this machine's architecture, as BuildKit sets `TARGETARCH`.
+fn docker_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// The Dockerfile's final stage, built by podman from the static binary `built()` made (the
+/// `build` stage replaced by a directory that holds it), run as the image says: user 65534,
+/// its `HEALTHCHECK` run by the engine, stopped with its `STOPSIGNAL`.
+#[test]
+fn the_image_runs_under_podman() {
+    if !static_build_possible() {
+        return;
+    }
+    if !podman_installed() {
+        return no_engine("podman (a container engine)");
+    }
+    let binary = &built().binary;
+    let mut engine = Engine::new();
+
+    // A directory standing in for the `build` stage: `COPY --from=build /conductor` takes the
+    // binary from it. It is also the build context, which the final stage does not read.
+    let stage = engine.dir.join("build-stage");
+    std::fs::create_dir_all(&stage).expect("create the stage directory");
+    std::fs::copy(binary, stage.join("conductor")).expect("copy the binary");
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    let image = format!("localhost/conductor-test:{}", std::process::id());
+    let build_context = format!("build={}", stage.display());
+    let target_arch = format!("TARGETARCH={}", docker_arch());
+    let built_image = engine.run(
+        &[
+            "build",
+            // Docker's format: OCI images have no HEALTHCHECK, and podman would drop it.
+            "--format",
+            "docker",
+            "--build-context",
+            &build_context,
+            // Only the build stage reads it, and it is skipped; this keeps podman from warning.
+            "--build-arg",
+            &target_arch,
+            "--file",
+            &dockerfile.to_string_lossy(),
+            "--tag",
+            &image,
+            &stage.to_string_lossy(),
+        ],
+        Duration::from_secs(120),
+    );
+    let built_image = match built_image {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
+            return no_engine(&format!(
+                "a container engine that can build images here (podman build: {why})"
+            ));
+        }
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can build images here ({why})"
+            ));
+        }
+    };
+    let log = String::from_utf8_lossy(&built_image.stdout);
+    assert!(
+        !log.contains("cargo build"),
+        "the build stage ran instead of the prebuilt binary:\n{log}"
+    );
+
+    // What the image declares, as the engine read it from the Dockerfile.
+    let config = engine.ok(
+        &["image", "inspect", "--format", "{{json .Config}}", &image],
+        Duration::from_secs(30),
+    );
+    let config: serde_json::Value = serde_json::from_str(&config).expect("image config JSON");
+    assert_eq!(config["User"], "65534:65534", "{config}");
+    assert_eq!(config["StopSignal"], "SIGTERM", "{config}");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/conductor"]));
+    let health = engine.ok(
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .HealthCheck}}",
+            &image,
+        ],
+        Duration::from_secs(30),
+    );
+    let health: serde_json::Value = serde_json::from_str(&health).expect("health-check JSON");
+    assert_eq!(
+        health["Test"],
+        serde_json::json!(["CMD", "/conductor", "healthcheck"]),
+        "{health}"
+    );
+
+    match engine.choose_runtime(&image) {
+        Ok(runtime) => eprintln!("deploy: podman runs the image with {runtime}"),
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can run containers here ({why})"
+            ));
+        }
+    }
+
+    // Published on a free loopback port, as `docker run -p` would.
+    let free = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = free.local_addr().expect("its address").port();
+    drop(free);
+    let name = format!("conductor-test-{}", std::process::id());
+    let publish = format!("127.0.0.1:{port}:3000");
+    engine.ok(
+        &[
+            "run",
+            "--detach",
+            "--name",
+            &name,
+            "--publish",
+            &publish,
+            &image,
+        ],
+        Duration::from_secs(60),
+    );
+    let logs = || {
+        engine
+            .run(&["logs", &name], Duration::from_secs(10))
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default()
+    };
+
+    let pid = engine.ok(
+        &["inspect", "--format", "{{.State.Pid}}", &name],
+        Duration::from_secs(30),
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the container's process")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").map(str::to_string))
+        .expect("a Uid line");
+    assert!(
+        uid.split_whitespace().all(|id| id == NOBODY.to_string()),
+        "the container's server runs as uid {uid}, not {NOBODY}"
+    );
+
+    // /healthz through the published port, then the HEALTHCHECK as the engine runs it (inside
+    // the container, its result recorded in the container's health state). Without real-time
+    // priority a busy machine can make a window of ticks late, and both say 503 / unhealthy
+    // for a while: either must come good within 30 s.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let answer = TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| get(port, "/healthz"));
+        let check = engine.run(&["healthcheck", "run", &name], Duration::from_secs(30));
+        let state = engine.ok(
+            &["inspect", "--format", "{{.State.Health.Status}}", &name],
+            Duration::from_secs(30),
+        );
+        let check_ok = check.as_ref().is_ok_and(|o| o.status.success());
+        if answer.as_ref().is_some_and(|a| a.0 == 200) && check_ok && state == "healthy" {
+            break;
+        }
+        seen.push(format!(
+            "/healthz {:?}; healthcheck {:?}; state {state}",
+            answer.map(|a| (a.0, a.2)),
+            check.map(|o| o.status.code())
+        ));
+        assert!(
+            Instant::now() < until,
+            "the container never became healthy:\n{}\n{}",
+            seen.join("\n"),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (status, head, body) = get(port, "/");
+    assert_eq!(status, 200, "GET / through the published port");
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(body.contains("</html>"));
+    eprintln!(
+        "deploy: container healthy (/healthz 200, HEALTHCHECK passed) after {} try(s)",
+        seen.len() + 1
+    );
+
+    // `podman stop` sends the image's STOPSIGNAL and waits up to 10 s before SIGKILL (which
+    // would read as 137): the server closes its clients and exits 0 well within that.
+    let stopping = Instant::now();
+    engine.ok(&["stop", "--time", "10", &name], Duration::from_secs(30));
+    let stopped_in = stopping.elapsed();
+    let code = engine.ok(
+        &["inspect", "--format", "{{.State.ExitCode}}", &name],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        code,
+        "0",
+        "exit status after podman stop ({stopped_in:?}):\n{}",
+        logs()
+    );
+    assert!(
+        stopped_in < Duration::from_secs(8),
+        "stopping took {stopped_in:?}: the stop signal did not end the server"
+    );
+    assert!(
+        logs().contains("shutdown complete"),
+        "the server did not log its shutdown:\n{}",
+        logs()
+    );
 }

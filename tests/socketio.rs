@@ -2,8 +2,9 @@
 //! (tests/socketio/client-test.mjs, one scenario per run), and raw Engine.IO requests for what
 //! a stock client never sends.
 //!
-//! Needs `node` and `npm`; the client is installed with `npm ci --prefix tests/socketio` when
-//! its node_modules is missing (.ci/run does it up front).
+//! The stock-client tests need `node` and `npm ci --prefix tests/socketio`; without them they
+//! fail with the command that installs them, unless `CONDUCTOR_TEST_SKIP=node` asks to skip
+//! them (`tests/common/require.rs`). `.ci/test` installs both.
 
 mod common;
 
@@ -11,10 +12,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use common::require::{self, Tool};
 use common::{Server, bin};
 use serde_json::{Value, json};
 use tungstenite::Message;
@@ -26,22 +27,17 @@ fn socketio_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio")
 }
 
-/// Installs the pinned socket.io-client once per test binary, if it is not there yet.
-fn ensure_client_installed() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let dir = socketio_dir();
-        if dir.join("node_modules/socket.io-client").exists() {
-            return;
-        }
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .status()
-            .expect("npm is needed for the Socket.IO tests (apt-get install nodejs npm)");
-        assert!(status.success(), "npm ci --prefix tests/socketio failed");
-    });
+/// Whether the stock client can run: `node` and the pinned socket.io-client. False (the skip
+/// recorded) when they are missing and `CONDUCTOR_TEST_SKIP=node`; a failure naming the
+/// install command when missing otherwise. Every test that starts a [`NodeRun`] asks first.
+fn stock_client_installed() -> bool {
+    require::tools(&[
+        Tool::Node,
+        Tool::NpmPackage {
+            dir: "tests/socketio",
+            package: "socket.io-client",
+        },
+    ])
 }
 
 /// One run of the Node script: its stdout lines arrive on a channel, its stdin stays open
@@ -56,7 +52,6 @@ struct NodeRun {
 
 impl NodeRun {
     fn start(port: u16, scenario: &str, args: &[&str]) -> NodeRun {
-        ensure_client_installed();
         let mut child = Command::new("node")
             .arg(socketio_dir().join("client-test.mjs"))
             .arg(format!("http://127.0.0.1:{port}"))
@@ -66,7 +61,7 @@ impl NodeRun {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("node is needed for the Socket.IO tests (apt-get install nodejs npm)");
+            .expect("run node (the test asked for it with stock_client_installed)");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = channel();
         std::thread::spawn(move || {
@@ -387,6 +382,9 @@ fn assert_alive(server: &Server) {
 
 #[test]
 fn websocket_only_client_gets_consecutive_ticks_and_changes_the_tempo() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     let r = scenario(&server, "basic", &["--transport", "websocket"]);
     assert_eq!(r["final_transport"], "websocket", "{r}");
@@ -396,6 +394,9 @@ fn websocket_only_client_gets_consecutive_ticks_and_changes_the_tempo() {
 
 #[test]
 fn default_transports_start_on_polling_and_upgrade_to_websocket() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     let r = scenario(&server, "basic", &["--transport", "default"]);
     assert_eq!(r["upgraded"], true, "{r}");
@@ -405,6 +406,9 @@ fn default_transports_start_on_polling_and_upgrade_to_websocket() {
 
 #[test]
 fn polling_only_client_gets_consecutive_ticks_and_changes_the_tempo() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     let r = scenario(&server, "basic", &["--transport", "polling"]);
     assert_eq!(r["final_transport"], "polling", "{r}");
@@ -433,21 +437,33 @@ fn reconnect_after_restart(transport: &str, graceful: bool) {
 
 #[test]
 fn websocket_client_reconnects_after_a_graceful_restart() {
+    if !stock_client_installed() {
+        return;
+    }
     reconnect_after_restart("websocket", true);
 }
 
 #[test]
 fn default_transports_client_reconnects_after_a_crash() {
+    if !stock_client_installed() {
+        return;
+    }
     reconnect_after_restart("default", false);
 }
 
 #[test]
 fn polling_client_reconnects_after_a_graceful_restart() {
+    if !stock_client_installed() {
+        return;
+    }
     reconnect_after_restart("polling", true);
 }
 
 #[test]
 fn refused_tempo_changes_get_error_events_over_websocket() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     let r = scenario(&server, "errors", &["--transport", "websocket"]);
     assert_eq!(r["out_of_range"]["code"], "bpm_out_of_range", "{r}");
@@ -457,6 +473,9 @@ fn refused_tempo_changes_get_error_events_over_websocket() {
 
 #[test]
 fn refused_tempo_changes_get_error_events_over_polling() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     scenario(&server, "errors", &["--transport", "polling"]);
     assert_eq!(server.stats()["bpm"], 120);
@@ -464,6 +483,9 @@ fn refused_tempo_changes_get_error_events_over_polling() {
 
 #[test]
 fn control_token_comes_as_auth_or_query() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&["--control-token", "s3cret"]);
     scenario(
         &server,
@@ -480,6 +502,9 @@ fn control_token_comes_as_auth_or_query() {
 
 #[test]
 fn message_rate_is_limited_as_on_the_plain_protocol() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&["--max-messages-per-sec", "5"]);
     // Over polling the burst arrives as one POST of many packets.
     for transport in ["websocket", "polling"] {
@@ -496,6 +521,9 @@ fn message_rate_is_limited_as_on_the_plain_protocol() {
 
 #[test]
 fn heartbeats_follow_ping_interval_and_timeout() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&["--ping-interval", "1", "--ping-timeout", "1"]);
     let open = handshake(server.port);
     assert_eq!(open["pingInterval"], 1000, "{open}");
@@ -536,6 +564,9 @@ fn metric_clients(metrics: &str, protocol: &str) -> Option<f64> {
 
 #[test]
 fn stats_and_metrics_count_clients_by_protocol() {
+    if !stock_client_installed() {
+        return;
+    }
     let server = Server::start(&[]);
     let mut plain = server.ws();
     plain.next_event("tick");

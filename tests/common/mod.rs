@@ -1,6 +1,8 @@
 //! Shared test harness: the real `conductor` binary on a free port, and real clients for it.
 #![allow(dead_code)]
 
+pub mod require;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

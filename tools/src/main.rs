@@ -28,6 +28,15 @@ use net::{Mode, Shared, Target, ThreadOptions};
 /// Connections one source address can hold before its ephemeral ports run out (with margin).
 const PER_SOURCE: usize = 20_000;
 
+/// The shortest run whose drift is also reported per minute. A 10 s run's drift is mostly the
+/// arrival noise of its first and last tick; six times that is not a rate.
+const MIN_RUN_FOR_DRIFT_RATE_S: f64 = 60.0;
+
+/// Drift per minute for a run of `measured_s` seconds, when the run is long enough to say.
+fn drift_per_min(drift_us: f64, measured_s: f64) -> Option<f64> {
+    (measured_s >= MIN_RUN_FOR_DRIFT_RATE_S).then(|| drift_us * 60.0 / measured_s)
+}
+
 /// Measure tick jitter, drift and fan-out of a WebSocket or Socket.IO tick server.
 #[derive(Debug, Parser)]
 #[command(name = "conductor-probe", version, about)]
@@ -97,11 +106,13 @@ struct Report {
     /// Latency compares the probe's clock with the server's: meaningful on one host.
     latency_valid: bool,
     latency_early: u64,
-    /// Median over connections of (last arrival − first arrival − ideal elapsed time), µs.
+    /// Median over connections of (last arrival − first arrival − ideal elapsed time) over the
+    /// whole run, µs.
     drift_us: f64,
     drift_us_max_abs: f64,
-    /// Drift scaled to one minute, µs.
-    drift_us_per_min: f64,
+    /// Drift per minute, µs: only for runs of [`MIN_RUN_FOR_DRIFT_RATE_S`] or more (`null`
+    /// otherwise), since scaling a short run's drift up multiplies its noise into a rate.
+    drift_us_per_min: Option<f64>,
     failures: BTreeMap<String, u64>,
     closes: BTreeMap<String, u64>,
 }
@@ -257,9 +268,14 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
 
     let tty = std::io::stderr().is_terminal();
     let sum = |f: fn(&net::Gauges) -> u64| shared.gauges.iter().map(f).sum::<u64>();
+    let counts = || {
+        (
+            sum(|g| g.connected.load(Ordering::Relaxed)),
+            sum(|g| g.failed.load(Ordering::Relaxed)),
+        )
+    };
     let progress = |phase: &str| {
-        let connected = sum(|g| g.connected.load(Ordering::Relaxed));
-        let failed = sum(|g| g.failed.load(Ordering::Relaxed));
+        let (connected, failed) = counts();
         let ticks = sum(|g| g.ticks.load(Ordering::Relaxed));
         let p99 = shared
             .gauges
@@ -278,27 +294,58 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
             eprintln!("{line}");
         }
         let _ = std::io::stderr().flush();
-        (connected, failed)
     };
+    let every = Duration::from_millis(if tty { 200 } else { 1000 });
 
-    // Connect phase: until everyone is up or has failed, or the ramp runs out of time.
+    // Connect phase: until everyone is up or has failed, or the ramp runs out of time. Checked
+    // often, so that a refused connection ends the run at once; reported at the usual pace.
     let ramp_limit = Duration::from_secs_f64(cli.timeout.max(1.0) + cli.clients as f64 / 500.0);
     let ramp_start = Instant::now();
+    let mut reported = ramp_start;
     loop {
-        thread::sleep(Duration::from_millis(if tty { 200 } else { 1000 }));
-        let (connected, failed) = progress("connecting");
-        if connected as usize + failed as usize >= cli.clients || ramp_start.elapsed() > ramp_limit
-        {
+        thread::sleep(Duration::from_millis(20));
+        let (connected, failed) = counts();
+        let settled = connected as usize + failed as usize >= cli.clients;
+        if settled || ramp_start.elapsed() > ramp_limit {
             break;
         }
+        if reported.elapsed() >= every {
+            progress("connecting");
+            reported = Instant::now();
+        }
     }
+    // Nobody to measure: say why now, rather than after the whole duration and a table of
+    // zeros.
+    if counts().0 == 0 {
+        shared.stop.store(true, Ordering::Relaxed);
+        if tty {
+            eprint!("\r\x1b[2K");
+        }
+        let collected = collect(handles)?;
+        let why = collected
+            .failures
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map_or("no reason given".to_string(), |(k, _)| k.clone());
+        return Err(format!(
+            "no connection to {} succeeded: {why}{}",
+            target.url,
+            if why.contains("refused") {
+                " (is the server running, on that port?)"
+            } else {
+                ""
+            }
+        ));
+    }
+    progress("connecting");
+
     // Measure.
     shared.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let length = Duration::from_secs_f64(cli.duration);
     while started.elapsed() < length {
         let left = length.saturating_sub(started.elapsed());
-        thread::sleep(left.min(Duration::from_millis(if tty { 250 } else { 1000 })));
+        thread::sleep(left.min(every));
         progress("measuring");
     }
     shared.measuring.store(false, Ordering::Relaxed);
@@ -308,24 +355,12 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
         eprintln!();
     }
 
-    let mut rec = Recorder::default();
-    let mut tracks = Vec::new();
-    let mut failures = BTreeMap::new();
-    let mut closes = BTreeMap::new();
-    for handle in handles {
-        let result = handle
-            .join()
-            .map_err(|_| "a probe thread panicked".to_string())?
-            .map_err(|e| format!("event loop failed: {e}"))?;
-        rec.merge(result.rec);
-        tracks.extend(result.tracks);
-        for (k, v) in result.failures {
-            *failures.entry(k).or_insert(0) += v;
-        }
-        for (k, v) in result.closes {
-            *closes.entry(k).or_insert(0) += v;
-        }
-    }
+    let Collected {
+        rec,
+        tracks,
+        failures,
+        closes,
+    } = collect(handles)?;
 
     let mut drifts: Vec<f64> = tracks.iter().filter_map(|t| t.drift_ns()).collect();
     let drift_us_max_abs = drifts.iter().fold(0.0f64, |m, d| m.max(d.abs())) / 1000.0;
@@ -354,11 +389,7 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
         latency_early: rec.early,
         drift_us,
         drift_us_max_abs,
-        drift_us_per_min: if measured_s > 0.0 {
-            drift_us * 60.0 / measured_s
-        } else {
-            0.0
-        },
+        drift_us_per_min: drift_per_min(drift_us, measured_s),
         failures,
         closes,
     };
@@ -409,6 +440,41 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What every probe thread measured, merged.
+struct Collected {
+    rec: Recorder,
+    tracks: Vec<metrics::ConnTrack>,
+    failures: BTreeMap<String, u64>,
+    closes: BTreeMap<String, u64>,
+}
+
+/// Waits for the probe threads (told to stop) and merges their results.
+fn collect(
+    handles: Vec<thread::JoinHandle<std::io::Result<net::ThreadResult>>>,
+) -> Result<Collected, String> {
+    let mut all = Collected {
+        rec: Recorder::default(),
+        tracks: Vec::new(),
+        failures: BTreeMap::new(),
+        closes: BTreeMap::new(),
+    };
+    for handle in handles {
+        let result = handle
+            .join()
+            .map_err(|_| "a probe thread panicked".to_string())?
+            .map_err(|e| format!("event loop failed: {e}"))?;
+        all.rec.merge(result.rec);
+        all.tracks.extend(result.tracks);
+        for (k, v) in result.failures {
+            *all.failures.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in result.closes {
+            *all.closes.entry(k).or_insert(0) += v;
+        }
+    }
+    Ok(all)
+}
+
 fn print_table(r: &Report) {
     let row = |name: &str, p: &Percentiles| {
         println!(
@@ -428,9 +494,12 @@ fn print_table(r: &Report) {
     row("interval jitter", &r.interval_jitter_us);
     row("fan-out spread", &r.spread_us);
     row("latency", &r.latency_us);
+    let rate = r
+        .drift_us_per_min
+        .map_or(String::new(), |per_min| format!("; {per_min:.1} µs/min"));
     println!(
-        "  drift {:.1} µs over the run (median over connections; {:.1} µs/min; worst {:.1} µs)",
-        r.drift_us, r.drift_us_per_min, r.drift_us_max_abs
+        "  drift {:.1} µs over the {} s run (median over connections{rate}; worst {:.1} µs)",
+        r.drift_us, r.duration_s, r.drift_us_max_abs
     );
     if r.latency_valid {
         println!("  latency: probe and server share this host's clock, so it is valid");
@@ -444,5 +513,19 @@ fn print_table(r: &Report) {
     }
     for (k, v) in &r.closes {
         println!("  closed by server: {v} × {k}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_is_a_rate_only_for_runs_of_a_minute_or_more() {
+        // A 10 s run's drift is not scaled up six times into a rate.
+        assert_eq!(drift_per_min(-75.0, 10.0), None);
+        assert_eq!(drift_per_min(-75.0, 59.9), None);
+        assert_eq!(drift_per_min(-75.0, 60.0), Some(-75.0));
+        assert_eq!(drift_per_min(-9.9, 600.0), Some(-0.99));
     }
 }
