@@ -28,7 +28,7 @@ use crate::protocol::{
 use crate::room::{NameError, RoomKey, RoomName};
 use crate::room_timing::{TimingCommand, TimingEvent};
 use crate::tempo::Bpm;
-use crate::timeline::{Change, Planned, Timeline, plan};
+use crate::timeline::{Change, Planned, Timeline, is_unchanged, plan};
 use crate::transport::{Quantize, TransportState};
 
 /// Tempo and transport changes a room takes per second, from all its members together: each
@@ -206,6 +206,10 @@ struct Room {
     empty_since_ns: Option<u64>,
     changes: Window,
     deferred: Option<Deferred>,
+    /// The largest recent round trip of any member, for reports: raised at once by a larger
+    /// sample, recomputed in housekeeping (so a member leaving lowers it within 250 ms). A
+    /// change is planned on a fresh computation instead ([`Hub::lead_ns`]).
+    worst_rtt_ns: Option<u64>,
     tempo_changes: u64,
     transport_changes: u64,
 }
@@ -387,6 +391,7 @@ impl Hub {
             empty_since_ns: Some(now_ns),
             changes: Window::new(MAX_ROOM_CHANGES_PER_SEC),
             deferred: None,
+            worst_rtt_ns: None,
             tempo_changes: 0,
             transport_changes: 0,
         });
@@ -566,6 +571,11 @@ impl Hub {
             .map_or(&[], |r| &r.members)
     }
 
+    /// A room's name (cheap: for the fan-out, per tick).
+    pub fn room_name(&self, room: RoomKey) -> Option<&RoomName> {
+        self.rooms.get(room.slot, room.generation).map(|r| &r.name)
+    }
+
     pub fn room_key(&self, name: &RoomName) -> Option<RoomKey> {
         self.names.get(name).copied()
     }
@@ -584,21 +594,31 @@ impl Hub {
 
     /// A round trip measured for `client` (WebSocket Ping, Engine.IO heartbeat).
     pub fn round_trip(&mut self, client: ClientId, rtt_ns: u64) {
-        if let Some(m) = self.clients.get_mut(client.slot, client.generation) {
-            m.round_trips.record(rtt_ns);
+        let Some(m) = self.clients.get_mut(client.slot, client.generation) else {
+            return;
+        };
+        m.round_trips.record(rtt_ns);
+        let (room, worst) = (m.room, m.round_trips.recent_max_ns());
+        if let Some(r) = self.rooms.get_mut(room.slot, room.generation) {
+            r.worst_rtt_ns = r.worst_rtt_ns.max(worst);
         }
     }
 
-    /// The lead a change in `room` gets now: see [`crate::lead`].
-    pub fn lead_ns(&self, room: RoomKey) -> u64 {
-        let worst = self.rooms.get(room.slot, room.generation).and_then(|r| {
+    /// The largest recent round trip of `room`'s members, computed now.
+    fn worst_rtt_ns(&self, room: RoomKey) -> Option<u64> {
+        self.rooms.get(room.slot, room.generation).and_then(|r| {
             r.members
                 .iter()
                 .filter_map(|c| self.clients.get(c.slot, c.generation))
                 .filter_map(|m| m.round_trips.recent_max_ns())
                 .max()
-        });
-        self.cfg.lead.lead_ns(worst)
+        })
+    }
+
+    /// The lead a change in `room` gets now, from its members' round trips measured so far:
+    /// see [`crate::lead`]. A pass over the members: for planning a change, not per request.
+    pub fn lead_ns(&self, room: RoomKey) -> u64 {
+        self.cfg.lead.lead_ns(self.worst_rtt_ns(room))
     }
 
     /// The cluster thread's connection state: control is refused while Redis is away.
@@ -631,7 +651,6 @@ impl Hub {
             Control::Start(quantize) => Change::Start(quantize),
             Control::Stop => Change::Stop,
         };
-        let lead = self.lead_ns(key);
         let unix_now = self.unix(now_ns);
         let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
             return Ok(());
@@ -640,8 +659,8 @@ impl Hub {
             // Still waiting for the cluster's timeline: nothing to plan on yet.
             return Err(ClientError::Busy);
         }
-        let planned = plan(&room.timeline, change, unix_now, lead);
-        if planned == Planned::Unchanged {
+        // Everything cheap first: a repeat or a refusal costs nothing per member.
+        if is_unchanged(&room.timeline, change) {
             // Nothing changes for anyone else: confirm to the sender only, so one client
             // cannot make the server write to every client at will.
             let confirm = match change {
@@ -671,6 +690,11 @@ impl Hub {
         if let Some(m) = self.clients.get_mut(client.slot, client.generation) {
             m.changes.take(now_ns);
         }
+        // A change: the lead from every member's round trips, measured now.
+        let lead = self.lead_ns(key);
+        let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
+            return Ok(());
+        };
         if self.cfg.clustered {
             // The cluster thread plans it again over the shared timeline, which may be newer.
             fx.push(Effect::Cluster(ClusterAsk::Change {
@@ -681,7 +705,7 @@ impl Hub {
             }));
             return Ok(());
         }
-        match planned {
+        match plan(&room.timeline, change, unix_now, lead) {
             Planned::Changed(next) => self.decide(key, next, fx),
             Planned::NotBefore(at_unix_ns) => {
                 room.deferred = Some(Deferred { change, at_unix_ns });
@@ -848,6 +872,16 @@ impl Hub {
     /// Periodic duties: drops rooms idle for `--room-idle` (never `main`), starts rooms whose
     /// cluster did not answer in time, and runs deferred changes that are due.
     pub fn housekeeping(&mut self, now_ns: u64, fx: &mut Vec<Effect>) {
+        let worst: Vec<(RoomKey, Option<u64>)> = self
+            .rooms
+            .iter()
+            .map(|r| (r.key, self.worst_rtt_ns(r.key)))
+            .collect();
+        for (key, worst) in worst {
+            if let Some(r) = self.rooms.get_mut(key.slot, key.generation) {
+                r.worst_rtt_ns = worst;
+            }
+        }
         let idle = self.cfg.room_idle_ns;
         let mut expired = Vec::new();
         let mut unanswered = Vec::new();
@@ -909,7 +943,7 @@ impl Hub {
             count: room.count,
             transport: transport.state_at(room.count.saturating_add(1)),
             transport_count: transport.from_count(),
-            lead_ns: self.lead_ns(key),
+            lead_ns: self.cfg.lead.lead_ns(room.worst_rtt_ns),
             tempo_changes: room.tempo_changes,
             transport_changes: room.transport_changes,
         })

@@ -133,6 +133,18 @@ pub enum Planned {
     NotBefore(u64),
 }
 
+/// Whether `change` would change nothing over `current`, whenever and with whatever lead it
+/// is asked ([`plan`] then says [`Planned::Unchanged`]): the tempo already set, or the
+/// transport already heading where it is asked to go. Cheap, so it comes before anything
+/// costly about a request.
+pub fn is_unchanged(current: &Timeline, change: Change) -> bool {
+    match change {
+        Change::SetBpm(bpm) => bpm == current.bpm,
+        Change::Start(_) => current.transport.state() == TransportState::Playing,
+        Change::Stop => current.transport.state() == TransportState::Stopped,
+    }
+}
+
 /// Plans `change` over `current`, asked at `now_unix_ns`.
 ///
 /// * The change takes effect at the first tick due at least `lead_ns` after now (and never
@@ -148,15 +160,15 @@ pub enum Planned {
 ///   lead stops, then starts again on the next bar line the lead allows. The one exception
 ///   cancels cleanly: a stop that reaches a pending start before it begins.
 pub fn plan(current: &Timeline, change: Change, now_unix_ns: u64, lead_ns: u64) -> Planned {
+    if is_unchanged(current, change) {
+        return Planned::Unchanged;
+    }
     // At least a nanosecond ahead: a tick due exactly now may already be on its way.
     let effective = current.first_count_at_or_after(now_unix_ns.saturating_add(lead_ns.max(1)));
     let mut next = *current;
     next.version = current.version.saturating_add(1);
     match change {
         Change::SetBpm(bpm) => {
-            if bpm == current.bpm {
-                return Planned::Unchanged;
-            }
             // A tempo change still pending and nearer than the lead: the new one would chain
             // behind it, but a timeline holds one anchor and clients keep only the latest. It
             // waits for that anchor. (One the lead cannot reach yet is replaced in place.)
@@ -182,9 +194,6 @@ pub fn plan(current: &Timeline, change: Change, now_unix_ns: u64, lead_ns: u64) 
                 _ => (TransportState::Stopped, effective),
             };
             let t = current.transport;
-            if target == t.state() {
-                return Planned::Unchanged;
-            }
             let pending = now_unix_ns < current.transport_unix_ns && t.before() != t.state();
             let cancels_cleanly = target == TransportState::Stopped && t.from_count() >= effective;
             if pending && !cancels_cleanly {

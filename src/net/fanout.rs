@@ -83,10 +83,11 @@ impl Server {
         members.clear();
         members.extend_from_slice(self.hub.members(job.room));
         let mut encoded = Encoded::default();
+        // A room's named namespace is `/NAME` (`/main` for a client that named main).
         let room_nsp = self
             .hub
-            .report(job.room)
-            .map(|r| format!("/{}", r.name))
+            .room_name(job.room)
+            .map(|name| format!("/{name}"))
             .unwrap_or_default();
         let limit = self.cfg.max_queue;
         let now = Instant::now();
