@@ -13,6 +13,8 @@ use thiserror::Error;
 pub const MAIN: &str = "main";
 /// The longest room name.
 pub const MAX_NAME: usize = 64;
+/// How much of a refused name a refusal repeats.
+const ECHO_CHARS: usize = 32;
 
 /// A room name: 1 to 64 of `a-z`, `0-9`, `_` and `-`. Lower case only, so that a name is
 /// one room however a link was typed, and safe as it is in a URL, a Socket.IO namespace, a
@@ -43,8 +45,12 @@ impl RoomName {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         {
-            // Echo at most the allowed length back: the name came from the network.
-            let shown: String = name.chars().take(MAX_NAME).collect();
+            // The name came from the network: echo a short, printable prefix, no more.
+            let shown: String = name
+                .chars()
+                .take(ECHO_CHARS)
+                .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                .collect();
             return Err(NameError::BadCharacter(shown));
         }
         Ok(RoomName(name.to_string()))
@@ -96,5 +102,11 @@ mod tests {
         assert!(RoomName::main().is_main());
         let err = RoomName::parse("Café").unwrap_err().to_string();
         assert!(err.contains("a-z, 0-9"), "{err}");
+        assert!(err.contains("\"Caf?\""), "{err}");
+        // A refusal repeats a short, printable prefix of what it was given, no more.
+        let long = RoomName::parse(&"\u{e}".repeat(64))
+            .unwrap_err()
+            .to_string();
+        assert!(long.len() < 160, "{long}");
     }
 }
