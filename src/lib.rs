@@ -32,7 +32,6 @@ pub mod assets;
 pub mod clock;
 pub mod cluster;
 pub mod config;
-pub mod connection;
 pub mod deadlines;
 pub mod hub;
 pub mod lead;
@@ -50,5 +49,6 @@ pub mod timing;
 pub mod transport;
 pub mod wire;
 
-// The codecs moved under `wire`; their old paths stay valid.
+// The codecs moved under `wire`, the connection under `net`; their old paths stay valid.
+pub use net::connection;
 pub use wire::{engineio, http, protocol};

@@ -24,6 +24,7 @@
 //!   once, when it happens.
 
 mod cluster;
+pub mod connection;
 pub mod eio;
 mod fanout;
 pub mod heartbeat;
