@@ -251,7 +251,7 @@ mod tests {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             link,
             RateLimit::new(20),
-            Heartbeat::new(0, 20 * S, 20 * S),
+            Heartbeat::new(0, 20 * S),
             0,
         )
     }

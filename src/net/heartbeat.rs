@@ -24,20 +24,19 @@ pub enum Beat {
 /// One client's heartbeat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
-    last_ping_ns: u64,
+    /// When the next ping is due.
+    next_ping_ns: u64,
     /// The ping still waiting for its answer.
     outstanding: Option<u64>,
 }
 
 impl Heartbeat {
-    /// A heartbeat whose first ping is due `first_after_ns` from `now_ns` (at once for a
-    /// `/ws` client, whose round trip the lead wants early; one interval on for Engine.IO,
-    /// whose clients expect the negotiated `pingInterval`).
-    pub fn new(now_ns: u64, interval_ns: u64, first_after_ns: u64) -> Heartbeat {
+    /// A heartbeat whose first ping is due `first_after_ns` from `now_ns` (for a `/ws` client,
+    /// its [`phase`] in the interval; one interval on for Engine.IO, whose clients expect the
+    /// negotiated `pingInterval`).
+    pub fn new(now_ns: u64, first_after_ns: u64) -> Heartbeat {
         Heartbeat {
-            last_ping_ns: now_ns
-                .saturating_add(first_after_ns)
-                .saturating_sub(interval_ns),
+            next_ping_ns: now_ns.saturating_add(first_after_ns),
             outstanding: None,
         }
     }
@@ -46,9 +45,9 @@ impl Heartbeat {
         match self.outstanding {
             Some(sent) if now_ns.saturating_sub(sent) >= timeout_ns => Beat::Dead,
             Some(_) => Beat::Quiet,
-            None if now_ns.saturating_sub(self.last_ping_ns) >= interval_ns => {
+            None if now_ns >= self.next_ping_ns => {
                 self.outstanding = Some(now_ns);
-                self.last_ping_ns = now_ns;
+                self.next_ping_ns = now_ns.saturating_add(interval_ns);
                 Beat::Ping { sent_ns: now_ns }
             }
             None => Beat::Quiet,
@@ -74,6 +73,16 @@ impl Heartbeat {
     }
 }
 
+/// Where in `interval_ns` the client with key `key` has its pings: spread evenly over the
+/// interval by a multiplicative hash, so that thousands of clients that connected together
+/// are not all pinged (and do not all answer) in the same housekeeping pass.
+pub fn phase(key: usize, interval_ns: u64) -> u64 {
+    // Fibonacci hashing: consecutive keys land far apart; the high half of the 128-bit
+    // product scales the 64-bit hash onto the interval.
+    let hash = (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(hash) * u128::from(interval_ns)) >> 64) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,7 +91,7 @@ mod tests {
 
     #[test]
     fn pings_every_interval_and_measures_the_answer() {
-        let mut h = Heartbeat::new(0, 5 * S, 0);
+        let mut h = Heartbeat::new(0, 0);
         assert_eq!(h.due(0, 5 * S, 10 * S), Beat::Ping { sent_ns: 0 });
         assert_eq!(h.due(S, 5 * S, 10 * S), Beat::Quiet);
         assert_eq!(h.answered(S + 40_000_000), Some(S + 40_000_000));
@@ -92,7 +101,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_ping_is_death_after_the_timeout() {
-        let mut h = Heartbeat::new(0, 20 * S, 20 * S);
+        let mut h = Heartbeat::new(0, 20 * S);
         assert_eq!(
             h.due(19 * S, 20 * S, 10 * S),
             Beat::Quiet,
@@ -107,8 +116,25 @@ mod tests {
     }
 
     #[test]
+    fn phases_spread_consecutive_clients_over_the_interval() {
+        let interval = 5 * S;
+        // 10,000 clients, 20 housekeeping passes of 250 ms: none gets much more than its share.
+        let mut passes = [0u32; 20];
+        for key in 0..10_000 {
+            let p = phase(key, interval);
+            assert!(p < interval);
+            passes[(p / (interval / 20)) as usize] += 1;
+        }
+        assert!(
+            passes.iter().all(|&n| (350..=650).contains(&n)),
+            "{passes:?}"
+        );
+        assert_eq!(phase(7, 0), 0);
+    }
+
+    #[test]
     fn any_sign_of_life_clears_the_ping() {
-        let mut h = Heartbeat::new(0, S, 0);
+        let mut h = Heartbeat::new(0, 0);
         h.due(0, S, S);
         assert!(h.waiting());
         h.heard();

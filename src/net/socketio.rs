@@ -153,7 +153,7 @@ impl Server {
             peer.ip(),
             link,
             RateLimit::new(self.cfg.max_messages_per_sec),
-            Heartbeat::new(now_ns, interval, interval),
+            Heartbeat::new(now_ns, interval),
             now_ns,
         );
         session.token = http::presented_token(req);

@@ -14,7 +14,7 @@ use crate::wire::engineio::{self};
 use crate::wire::http::{self, Request};
 use crate::wire::protocol::{self, ClientError, ClientMessage, Outgoing};
 
-use super::heartbeat::Heartbeat;
+use super::heartbeat::{Heartbeat, phase};
 
 use super::reactor::*;
 
@@ -59,7 +59,7 @@ impl Server {
         s.conn.counted = Some(ClientKind::Ws);
         s.owner = Owner::Ws {
             client,
-            heartbeat: Heartbeat::new(now_ns, probe_interval, 0),
+            heartbeat: Heartbeat::new(now_ns, phase(key, probe_interval)),
         };
         debug!("ws open peer={} room={room}", s.conn.peer);
         self.set_route(client, Via::Ws(key));
