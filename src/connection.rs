@@ -383,7 +383,7 @@ impl Connection {
         self.state = next;
     }
 
-    /// Reads until the request head (and a POST's body) is complete or the socket is drained.
+    /// Reads until the request head and its body are complete or the socket is drained.
     pub fn read_head(&mut self) -> HeadRead {
         let State::Http { head } = &mut self.state else {
             return HeadRead::Pending;
@@ -391,14 +391,11 @@ impl Connection {
         let mut buf = [0u8; 2048];
         loop {
             match http::parse_request(head) {
-                Ok(Some(mut req)) => match http::body_length(&req) {
-                    Err(e) => return HeadRead::Invalid(e),
-                    Ok(length) if head.len() >= req.head_len + length => {
-                        req.body = head[req.head_len..req.head_len + length].to_vec();
-                        return HeadRead::Request(req);
-                    }
-                    Ok(_) => {}
-                },
+                Ok(Some(mut req)) if head.len() >= req.head_len + req.body_len => {
+                    req.body = head[req.head_len..req.head_len + req.body_len].to_vec();
+                    return HeadRead::Request(req);
+                }
+                Ok(Some(_)) => {}
                 Ok(None) => {}
                 Err(e) => return HeadRead::Invalid(e),
             }

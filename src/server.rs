@@ -594,15 +594,31 @@ impl Server {
                     b"405 Method Not Allowed: /socket.io/ takes GET, POST and OPTIONS\n",
                 ),
             ),
-            Route::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
+            Route::MethodNotAllowed if req.path == "/ws" => (
+                405,
+                http::response_with(
+                    405,
+                    "text/plain; charset=utf-8",
+                    &["Allow: GET"],
+                    b"405 Method Not Allowed: /ws takes a GET with a WebSocket upgrade\n",
+                ),
+            ),
+            Route::MethodNotAllowed => (405, http::text_error(405, "only GET and HEAD are served")),
         };
         let (status, bytes) = response;
         self.respond(key, &req, status, bytes, now);
     }
 
+    /// Sends a complete response and closes. Every response passes here, so a `HEAD` gets the
+    /// `GET`'s status and headers without its body whatever route answered it.
     fn respond(&mut self, key: usize, req: &Request, status: u16, bytes: Vec<u8>, now: Instant) {
         self.stats.count_http(status);
         debug!("http {} {} -> {status}", req.method, req.path);
+        let bytes = if req.is_head() {
+            http::without_body(bytes)
+        } else {
+            bytes
+        };
         if let Some(conn) = self.conns.get_mut(key) {
             conn.respond(bytes, now);
         }
