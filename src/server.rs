@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -38,8 +38,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::cluster::{
-    ClusterConfig, ClusterEvent, ClusterEvents, ClusterRequest, ClusterStatus, ClusterThread,
-    SharedTimeline,
+    ClusterConfig, ClusterEvent, ClusterEvents, ClusterFault, ClusterRequest, ClusterStatus,
+    ClusterThread, Outcome, SharedTimeline, TimelineLimits,
 };
 use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, SioLink, State, WsRead};
@@ -99,6 +99,8 @@ struct Encoded {
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
 const FD_BACKOFF: Duration = Duration::from_millis(250);
+/// How often, at most, the log says that the timing thread skipped ticks.
+const SKIP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or keep running.
 #[derive(Debug, Error)]
@@ -125,7 +127,34 @@ struct ClusterLink {
     status: ClusterStatus,
     /// The shared timeline last adopted.
     shared: Option<SharedTimeline>,
+    /// Control requests handed to the cluster thread and not yet answered.
+    pending: Vec<PendingAsk>,
+    next_id: u64,
 }
+
+/// A control request the cluster thread has yet to answer, and who asked.
+struct PendingAsk {
+    id: u64,
+    peer: Peer,
+    /// The asker's Socket.IO callback, if it passed one.
+    ack: Option<u64>,
+    /// A tempo change (else a transport change): what an `Unchanged` confirms.
+    tempo: bool,
+    asked: Instant,
+}
+
+/// How the loop handled a client's message.
+enum Handled {
+    /// Answered (or nothing to answer).
+    Done,
+    /// Handed to the cluster thread as request `id`; the answer follows.
+    Asked(u64),
+}
+
+/// Control requests waiting for the cluster thread at most (its ring holds 64).
+const MAX_PENDING_ASKS: usize = 64;
+/// How long a control request may wait for the cluster thread before it is refused.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     cfg: Config,
@@ -183,6 +212,12 @@ pub struct Server {
     readable_again: Vec<usize>,
     /// Scratch list of connections to remove, reused to avoid allocating per tick.
     finished: Vec<usize>,
+    /// When the loop last took a tick from the timing thread: a transport that plays with no
+    /// tick for a while is a silent server (`/healthz`).
+    last_tick_at: Instant,
+    /// Ticks the timing thread skipped since the last log line about it, and when that was.
+    skips_unlogged: u64,
+    skip_logged_at: Option<Instant>,
 }
 
 impl Server {
@@ -226,7 +261,7 @@ impl Server {
             link.shared = joined;
             if joined.is_none() {
                 let ours = SharedTimeline::from_schedule(&schedule, &clock);
-                link.thread.send(ClusterRequest::Seed(ours));
+                link.thread.send(0, ClusterRequest::Seed(ours));
             }
         }
         Ok(Server {
@@ -268,6 +303,9 @@ impl Server {
             busy_poll_until: None,
             readable_again: Vec::new(),
             finished: Vec::new(),
+            last_tick_at: Instant::now(),
+            skips_unlogged: 0,
+            skip_logged_at: None,
         })
         .map(|mut server| {
             server.refresh_timeline();
@@ -433,6 +471,7 @@ impl Server {
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(conn.socket());
         count_close(&mut self.stats, &mut conn);
+        self.forget_asks(Peer::Conn(key), None);
         // A long-poll that gave up, or a WebSocket that probed and went away: the session
         // carries on without it.
         if let Some(skey) = conn.parked_for
@@ -558,7 +597,7 @@ impl Server {
             },
             Route::SocketIo => return self.on_socketio_request(key, req, now),
             Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
-            Route::Healthz => match self.stats.degraded() {
+            Route::Healthz => match self.stats.degraded(self.silent_for(now)) {
                 None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
                 Some(why) => (
                     503,
@@ -1048,6 +1087,7 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
+        self.forget_asks(Peer::Session(skey), Some(Peer::Conn(key)));
         if let Some(ckey) = session.waiting.take()
             && let Some(conn) = self.conns.get_mut(ckey)
         {
@@ -1134,24 +1174,13 @@ impl Server {
                 };
                 let result = protocol::decode_event(&name, data.as_ref())
                     .and_then(|m| self.on_client_message(peer, m, may_control, received_ns));
-                if let Err(err) = &result {
-                    self.stats.client_errors += 1;
-                    // A client that passed a callback hears through it; others by event.
-                    if ack.is_none() {
-                        self.reply(peer, &protocol::error(err));
-                    }
-                }
-                if let Some(id) = ack {
+                match result {
+                    // The callback waits for the cluster's answer (`on_answer`).
+                    Ok(Handled::Asked(id)) => self.await_answer(id, ack),
                     // The callback gets {ok:true} (the change itself arrives as bpmChange,
                     // transport, ...) or the error's {ok:false, code, message}.
-                    let arg = match result {
-                        Ok(()) => r#"{"ok":true}"#.to_string(),
-                        Err(err) => {
-                            let e = protocol::error(&err);
-                            format!(r#"{{"ok":false,"error":{}}}"#, e.data)
-                        }
-                    };
-                    self.send_packet(peer, &engineio::ack(id, &arg));
+                    Ok(Handled::Done) => self.conclude(peer, ack, Ok(())),
+                    Err(err) => self.conclude(peer, ack, Err(err)),
                 }
             }
             SioPacket::Ack => {}
@@ -1263,6 +1292,7 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
+        self.forget_asks(Peer::Session(skey), None);
         self.stats
             .client_closed(ClientKind::SocketIoPolling, reason);
         debug!("socket.io session closed reason={}", reason.label());
@@ -1309,11 +1339,12 @@ impl Server {
                 .and_then(|m| self.on_client_message(Peer::Conn(key), m, may_control, received_ns)),
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                Ok(Handled::Done)
+            }
         };
         if let Err(err) = result {
-            self.stats.client_errors += 1;
-            self.reply(Peer::Conn(key), &protocol::error(&err));
+            self.conclude(Peer::Conn(key), None, Err(err));
         }
     }
 
@@ -1323,7 +1354,7 @@ impl Server {
         message: ClientMessage,
         may_control: bool,
         received_ns: u64,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Handled, ClientError> {
         match message {
             ClientMessage::Ping(t0) => {
                 // Stamped as late as possible and written at once, not at the next writable
@@ -1335,7 +1366,7 @@ impl Server {
                 {
                     self.stats.messages_sent += conn.flush();
                 }
-                Ok(())
+                Ok(Handled::Done)
             }
             ClientMessage::SetBpm(_) | ClientMessage::Start(_) | ClientMessage::Stop
                 if !may_control =>
@@ -1350,16 +1381,16 @@ impl Server {
                 if state == self.transport.state() {
                     let confirm = protocol::transport(&self.transport_data());
                     self.reply(peer, &confirm);
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
-                self.ask_cluster(request)
+                self.ask_cluster(peer, request)
             }
-            ClientMessage::Start(quantize) => {
-                self.change_transport(peer, TransportState::Playing, quantize)
-            }
-            ClientMessage::Stop => {
-                self.change_transport(peer, TransportState::Stopped, Quantize::None)
-            }
+            ClientMessage::Start(quantize) => self
+                .change_transport(peer, TransportState::Playing, quantize)
+                .map(|()| Handled::Done),
+            ClientMessage::Stop => self
+                .change_transport(peer, TransportState::Stopped, Quantize::None)
+                .map(|()| Handled::Done),
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
                 // In a cluster the shared timeline is the reference: a request lost with Redis
@@ -1372,10 +1403,10 @@ impl Server {
                     // Nothing changes for anyone else: confirm to the sender only, so one
                     // client cannot make the server write to every client at will.
                     self.reply(peer, &protocol::bpm_change(bpm));
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
                 if self.cluster.is_some() {
-                    return self.ask_cluster(ClusterRequest::SetBpm(bpm));
+                    return self.ask_cluster(peer, ClusterRequest::SetBpm(bpm));
                 }
                 // Every change is a write to every client; cap them server-wide.
                 if self.control_changes.check(Instant::now()) != Rate::Allow {
@@ -1385,24 +1416,134 @@ impl Server {
                     return Err(ClientError::Busy);
                 }
                 self.requested_bpm = bpm;
-                Ok(())
+                Ok(Handled::Done)
             }
         }
     }
 
     /// Hands a tempo or transport change to the cluster thread, which writes it to the shared
-    /// timeline; it comes back (here and on every other instance) as an `Adopt`.
-    fn ask_cluster(&mut self, request: ClusterRequest) -> Result<(), ClientError> {
+    /// timeline; it comes back (here and on every other instance) as an `Adopt`, and its
+    /// outcome as an `Answer` for `peer` ([`Self::on_answer`]).
+    fn ask_cluster(&mut self, peer: Peer, request: ClusterRequest) -> Result<Handled, ClientError> {
         let Some(link) = self.cluster.as_mut() else {
-            return Ok(());
+            return Ok(Handled::Done);
         };
         if !link.status.connected {
-            return Err(ClientError::ClusterUnavailable);
+            let fault = link.status.fault.unwrap_or(ClusterFault::Unreachable);
+            return Err(ClientError::ClusterUnavailable(fault.describe()));
         }
-        if self.control_changes.check(Instant::now()) != Rate::Allow || !link.thread.send(request) {
+        if link.pending.len() >= MAX_PENDING_ASKS
+            || self.control_changes.check(Instant::now()) != Rate::Allow
+        {
             return Err(ClientError::Busy);
         }
-        Ok(())
+        let id = link.next_id;
+        if !link.thread.send(id, request) {
+            return Err(ClientError::Busy);
+        }
+        link.next_id += 1;
+        link.pending.push(PendingAsk {
+            id,
+            peer,
+            ack: None,
+            tempo: matches!(request, ClusterRequest::SetBpm(_)),
+            asked: Instant::now(),
+        });
+        Ok(Handled::Asked(id))
+    }
+
+    /// The cluster thread's outcome for a request: the asker hears it (its Socket.IO callback,
+    /// or an `error` event), whatever became of it. Success needs no word to a `/ws` client:
+    /// the change reaches it like everyone else.
+    fn on_answer(&mut self, id: u64, outcome: Outcome) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(i) = link.pending.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let ask = link.pending.swap_remove(i);
+        let shared_bpm = link.shared.map(|s| s.bpm());
+        let result = match outcome {
+            Outcome::Applied => Ok(()),
+            Outcome::Unchanged => {
+                // Already so: confirm to the asker alone, as without a cluster.
+                let confirm = if ask.tempo {
+                    protocol::bpm_change(shared_bpm.unwrap_or(self.bpm))
+                } else {
+                    protocol::transport(&self.transport_data())
+                };
+                self.reply(ask.peer, &confirm);
+                Ok(())
+            }
+            Outcome::Failed(fault) => Err(ClientError::ClusterUnavailable(fault.describe())),
+            Outcome::Lost => Err(ClientError::Busy),
+        };
+        self.conclude(ask.peer, ask.ack, result);
+    }
+
+    /// Tells a client how its event ended: through its Socket.IO callback when it passed one
+    /// (`{ok:true}`, or `{ok:false, error:{code,message}}`), else an `error` event on failure.
+    fn conclude(&mut self, peer: Peer, ack: Option<u64>, result: Result<(), ClientError>) {
+        if let Err(err) = &result {
+            self.stats.client_errors += 1;
+            if ack.is_none() {
+                self.reply(peer, &protocol::error(err));
+            }
+        }
+        if let Some(id) = ack {
+            let arg = match result {
+                Ok(()) => r#"{"ok":true}"#.to_string(),
+                Err(err) => {
+                    let e = protocol::error(&err);
+                    format!(r#"{{"ok":false,"error":{}}}"#, e.data)
+                }
+            };
+            self.send_packet(peer, &engineio::ack(id, &arg));
+        }
+    }
+
+    /// Keeps a Socket.IO callback id for the answer to cluster request `id`.
+    fn await_answer(&mut self, id: u64, ack: Option<u64>) {
+        if let Some(ask) = self
+            .cluster
+            .as_mut()
+            .and_then(|l| l.pending.iter_mut().find(|p| p.id == id))
+        {
+            ask.ack = ack;
+        }
+    }
+
+    /// Forgets the requests of a client that is gone (its key may be reused at once), or moves
+    /// them to the socket that took its session over (`to`).
+    fn forget_asks(&mut self, peer: Peer, to: Option<Peer>) {
+        if let Some(link) = self.cluster.as_mut() {
+            match to {
+                None => link.pending.retain(|p| p.peer != peer),
+                Some(to) => link
+                    .pending
+                    .iter_mut()
+                    .filter(|p| p.peer == peer)
+                    .for_each(|p| p.peer = to),
+            }
+        }
+    }
+
+    /// Requests the cluster thread has not answered within [`ASK_TIMEOUT`] (it never should
+    /// take that long: Redis calls time out after 2 s) are refused rather than left hanging.
+    fn expire_asks(&mut self, now: Instant) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let (late, waiting): (Vec<PendingAsk>, Vec<PendingAsk>) = link
+            .pending
+            .drain(..)
+            .partition(|p| now.duration_since(p.asked) >= ASK_TIMEOUT);
+        link.pending = waiting;
+        for ask in late {
+            let err = ClientError::ClusterUnavailable("did not answer the request in time");
+            self.conclude(ask.peer, ask.ack, Err(err));
+        }
     }
 
     /// Takes what the cluster thread reports: status, and timelines to adopt.
@@ -1417,6 +1558,7 @@ impl Server {
             match event {
                 ClusterEvent::Status(status) => link.status = status,
                 ClusterEvent::Adopt(shared) => self.adopt(shared),
+                ClusterEvent::Answer { id, outcome } => self.on_answer(id, outcome),
             }
         }
     }
@@ -1567,6 +1709,11 @@ impl Server {
                 }
                 // Taken by `bind` before the loop runs; the thread sends it only once.
                 TimingEvent::Started(_) => {}
+                TimingEvent::Skipped { ticks, to } => self.on_skip(ticks, to),
+                TimingEvent::Exhausted => error!(
+                    "timing: the tick count reached its end (u64::MAX); no ticks until the \
+                     timeline changes"
+                ),
                 TimingEvent::Tempo(schedule) => {
                     let bpm = schedule.bpm();
                     // A cluster's change is announced a lead ahead; /stats and hello report
@@ -1588,6 +1735,27 @@ impl Server {
         }
     }
 
+    /// The timing thread fell behind and skipped ticks. Said once, then at most once per
+    /// [`SKIP_LOG_EVERY`] with the total since, so a machine that keeps stalling does not
+    /// flood the log.
+    fn on_skip(&mut self, ticks: u64, to: u64) {
+        self.next_count = self.next_count.max(to);
+        self.skips_unlogged += ticks;
+        let now = Instant::now();
+        if self
+            .skip_logged_at
+            .is_none_or(|at| now.duration_since(at) >= SKIP_LOG_EVERY)
+        {
+            warn!(
+                "timing: fell behind and skipped {} ticks rather than send them at once (next \
+                 is tick {to}); was the process stopped, or is the machine overloaded?",
+                self.skips_unlogged
+            );
+            self.skips_unlogged = 0;
+            self.skip_logged_at = Some(now);
+        }
+    }
+
     fn on_tick(&mut self, tick: Tick) {
         self.stats.record_tick(tick.lateness_ns());
         if tick.lateness_ns() > stats::LATE_TICK_NS {
@@ -1602,7 +1770,8 @@ impl Server {
             .handoff
             .record(taken.saturating_sub(tick.emitted_ns));
         self.count = tick.count;
-        self.next_count = tick.count + 1;
+        self.next_count = tick.count.saturating_add(1);
+        self.last_tick_at = Instant::now();
         self.bpm = tick.bpm;
         if self.shutdown_by.is_some() || !self.transport.plays(tick.count) {
             return;
@@ -1787,6 +1956,7 @@ impl Server {
             self.close_session(skey, CloseReason::PingTimeout);
         }
         self.remove_finished();
+        self.expire_asks(now);
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
             self.accept();
@@ -1844,6 +2014,18 @@ impl Server {
         self.remove_finished();
     }
 
+    /// How long no tick has gone out while the transport plays, once that is longer than
+    /// [`stats::SILENT_TICKS`] intervals: a server that answers but sends nothing is not
+    /// healthy.
+    fn silent_for(&self, now: Instant) -> Option<Duration> {
+        let playing = self.transport.plays(self.next_count) && self.shutdown_by.is_none();
+        stats::silence(
+            now.saturating_duration_since(self.last_tick_at),
+            self.schedule.interval_ns(),
+            playing,
+        )
+    }
+
     fn snapshot(&self) -> Snapshot<'_> {
         Snapshot {
             bpm: self.bpm,
@@ -1854,6 +2036,8 @@ impl Server {
             transport_count: self.transport.from_count(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.dropped_ticks(),
+            skipped_ticks: self.timing.skipped_ticks(),
+            silent_for: self.silent_for(Instant::now()),
             cluster: self.cluster.as_ref().map(|l| l.status),
             stats: &self.stats,
         }
@@ -1878,6 +2062,12 @@ fn join_cluster(
         lead,
         start_lead: Duration::from_nanos(START_LEAD_NS),
         beats_per_bar: cfg.beats_per_bar,
+        limits: TimelineLimits {
+            min_bpm: cfg.min_bpm,
+            max_bpm: cfg.max_bpm,
+            ppqn: cfg.ppqn,
+            beats_per_bar: cfg.beats_per_bar,
+        },
     };
     let (thread, mut events) = ClusterThread::spawn(
         cluster_cfg,
@@ -1899,6 +2089,7 @@ fn join_cluster(
                 break;
             }
             Ok(ClusterEvent::Status(s)) => status = s,
+            Ok(ClusterEvent::Answer { .. }) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
@@ -1918,6 +2109,8 @@ fn join_cluster(
         events,
         status,
         shared: None,
+        pending: Vec::new(),
+        next_id: 1,
     };
     Ok((link, joined))
 }

@@ -291,3 +291,48 @@ fn healthz_is_ok_while_ticks_are_on_time() {
     assert_eq!(server.get("/healthz"), (200, "ok".to_string()));
     assert_eq!(server.stats()["healthy"], true);
 }
+
+/// D1, the last layer: a timing thread that wakes far behind its deadlines (here the whole
+/// process was stopped for a second) skips to the present instead of firing the missed ticks
+/// back to back, counts them as dropped, and the next ticks come on time.
+#[test]
+fn a_stalled_timing_thread_skips_the_missed_ticks_instead_of_bursting() {
+    // 120 BPM at ppqn 4: 125 ms apart.
+    let server = Server::start(&["--rt-priority", "0"]);
+    let mut c = server.ws();
+    let before_stop = c.next_event("tick")["data"]["count"].as_u64().unwrap();
+    let pid = server.pid() as libc::pid_t;
+    // SAFETY: signals to the child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1000));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Every tick from here on, with its arrival: no two may come in a burst.
+    let mut arrivals = Vec::new();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let count = c.next_event("tick")["data"]["count"].as_u64().unwrap();
+        arrivals.push((count, Instant::now()));
+    }
+    for pair in arrivals.windows(2) {
+        let ((a, at_a), (b, at_b)) = (pair[0], pair[1]);
+        let gap = at_b.duration_since(at_a);
+        assert!(
+            gap >= Duration::from_millis(40),
+            "ticks {a} and {b} arrived {gap:?} apart: {arrivals:?}"
+        );
+        assert_eq!(b, a + 1, "{arrivals:?}");
+    }
+    // The stall's eight ticks are not among them: the count jumped over it.
+    let first = arrivals.first().map(|(c, _)| *c).unwrap();
+    assert!(
+        first >= before_stop + 6,
+        "tick {before_stop} before the stall, {first} after: {arrivals:?}"
+    );
+    let stats = server.stats();
+    let skipped = stats["skipped_ticks"].as_u64().unwrap();
+    assert!(
+        skipped >= 5,
+        "a second's stall skipped only {skipped}: {stats}"
+    );
+    assert!(stats["dropped_ticks"].as_u64() >= Some(skipped), "{stats}");
+}
