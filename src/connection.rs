@@ -551,6 +551,19 @@ impl Connection {
         true
     }
 
+    /// A Socket.IO socket that has not connected to the namespace (`40`, which makes it a
+    /// counted client) within `timeout` of its upgrade: a handshake left hanging. One taking
+    /// over a polling session is not (the session is the client until it completes).
+    pub fn sio_connect_overdue(&self, now: Instant, timeout: Duration) -> bool {
+        self.is_open()
+            && self.counted.is_none()
+            && self
+                .sio
+                .as_ref()
+                .is_some_and(|l| l.upgrading_from.is_none())
+            && now.duration_since(self.accepted) >= timeout
+    }
+
     /// Pings a client that has been silent too long, or closes one that never answered.
     pub fn keep_alive(&mut self, now: Instant, interval: Duration, timeout: Duration) {
         if !self.is_open() {

@@ -5,6 +5,8 @@
 //! what it returns). Every response closes the connection: the pages poll rarely, and one
 //! request per connection keeps the state machine small.
 
+use std::net::IpAddr;
+
 use thiserror::Error;
 
 use crate::assets::{self, Asset};
@@ -407,6 +409,24 @@ pub fn preflight(cors: &[String]) -> Vec<u8> {
         "Access-Control-Max-Age: 86400",
     ]);
     response_with(204, "text/plain; charset=utf-8", &extra, b"")
+}
+
+/// The address a request comes from: `peer`, or behind a proxy (`header`, set with
+/// `--client-ip-header`) the address the proxy put there. Of a list (`X-Forwarded-For: a, b`)
+/// the last entry counts, the one the nearest proxy added; anything that is not an address
+/// (missing, `unknown`, garbage) leaves `peer`.
+pub fn client_ip(req: &Request, header: Option<&str>, peer: IpAddr) -> IpAddr {
+    header
+        .and_then(|name| req.header_values(name).last())
+        .and_then(|value| value.rsplit(',').next())
+        .and_then(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        })
+        .unwrap_or(peer)
 }
 
 /// The control token a request presents: `?token=` in the URL (browsers cannot set headers
@@ -874,6 +894,32 @@ mod tests {
         assert_eq!(presented_token(&parse(&none)), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("%+5"), "% 5");
+    }
+
+    #[test]
+    fn the_client_address_comes_from_the_proxy_header_only_when_asked() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let req = parse(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.7, 203.0.113.9\r\n\
+             Fly-Client-IP: 2001:db8::5\r\n\r\n",
+        );
+        assert_eq!(client_ip(&req, None, peer), peer);
+        assert_eq!(
+            client_ip(&req, Some("x-forwarded-for"), peer).to_string(),
+            "203.0.113.9"
+        );
+        assert_eq!(
+            client_ip(&req, Some("fly-client-ip"), peer).to_string(),
+            "2001:db8::5"
+        );
+        assert_eq!(client_ip(&req, Some("x-real-ip"), peer), peer, "absent");
+        let odd = parse("GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: unknown\r\n\r\n");
+        assert_eq!(client_ip(&odd, Some("x-real-ip"), peer), peer);
+        let with_port = parse("GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: [2001:db8::1]:443\r\n\r\n");
+        assert_eq!(
+            client_ip(&with_port, Some("x-real-ip"), peer).to_string(),
+            "2001:db8::1"
+        );
     }
 
     #[test]

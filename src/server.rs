@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ use crate::protocol::{
     TransportData,
 };
 use crate::rt;
-use crate::session::{Health, PollSession};
+use crate::session::{AddressCounts, Health, PollSession};
 use crate::stats::{self, ClientKind, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::{Bpm, TickSchedule};
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
@@ -193,6 +193,8 @@ pub struct Server {
     /// Socket.IO long-polling sessions, and their ids.
     sessions: Slab<PollSession>,
     session_ids: HashMap<String, usize>,
+    /// Sessions per client address, against --max-sessions-per-ip.
+    session_addresses: AddressCounts,
     /// Engine.IO's ping packet, as a frame.
     eio_ping: SharedFrame,
     /// Events polled in the pauses of a fan-out.
@@ -282,6 +284,7 @@ impl Server {
             deferred: Vec::new(),
             sessions: Slab::new(),
             session_ids: HashMap::new(),
+            session_addresses: AddressCounts::default(),
             eio_ping: protocol::text_frame("2"),
             fanout_events: Some(Events::with_capacity(256)),
             driving: None,
@@ -744,10 +747,22 @@ impl Server {
             Ok(q) => q,
             Err(e) => return self.eio_refuse(key, &req, e, &cors, now),
         };
+        let Some(peer) = self.conns.get(key).map(|c| c.peer.ip()) else {
+            return;
+        };
+        let client = http::client_ip(&req, self.cfg.client_ip_header.as_deref(), peer);
+        // A session answers only its own client: to anyone else its id is unknown, so that
+        // an id that leaked (a log, a shared screen) is of no use from elsewhere.
         let session = match &query.sid {
             None => None,
             Some(sid) => match self.session_ids.get(sid) {
-                Some(&skey) => Some(skey),
+                Some(&skey) if self.sessions.get(skey).is_some_and(|s| s.client == client) => {
+                    Some(skey)
+                }
+                Some(_) => {
+                    debug!("socket.io session id presented from another address ({client})");
+                    return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now);
+                }
                 None => return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now),
             },
         };
@@ -765,7 +780,9 @@ impl Server {
                 Ok(accept) => self.socketio_upgrade(key, &req, &accept, session),
                 Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
             },
-            (EioTransport::Polling, None, "GET") => self.polling_handshake(key, &req, cors, now),
+            (EioTransport::Polling, None, "GET") => {
+                self.polling_handshake(key, &req, client, cors, now)
+            }
             (EioTransport::Polling, Some(skey), "GET") => self.poll(key, &req, skey, cors, now),
             (EioTransport::Polling, Some(skey), "POST") => self.post(key, &req, skey, cors, now),
             (_, None, _) => self.eio_refuse(key, &req, EioError::BadHandshakeMethod, &cors, now),
@@ -872,9 +889,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        // Counted as a client from its namespace connect (`40`) on, like a polling session.
         if let Some(open) = open {
-            self.stats.client_opened(ClientKind::SocketIoWs);
-            conn.counted = Some(ClientKind::SocketIoWs);
             conn.send(&open, self.cfg.max_queue);
         }
         debug!(
@@ -884,15 +900,35 @@ impl Server {
         );
     }
 
-    fn polling_handshake(&mut self, key: usize, req: &Request, cors: Vec<String>, now: Instant) {
+    /// Opens a long-polling session for `client`: within `--max-clients`,
+    /// `--max-polling-sessions` and, for that address, `--max-sessions-per-ip`. The session
+    /// counts as a client only once it connects to the namespace (`40`), and is closed if it
+    /// has not within `--handshake-timeout` (housekeeping).
+    fn polling_handshake(
+        &mut self,
+        key: usize,
+        req: &Request,
+        client: IpAddr,
+        cors: Vec<String>,
+        now: Instant,
+    ) {
+        let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
         if self.stats.clients >= self.cfg.max_clients
             || self.sessions.len() >= self.cfg.max_polling_sessions
         {
             self.stats.count_refused(RefuseReason::MaxClients);
-            let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
             let body = r#"{"code":3,"message":"Server full; try again later"}"#;
             let bytes = http::response_with(503, "application/json", &extra, body.as_bytes());
             return self.respond(key, req, 503, bytes, now);
+        }
+        if self.session_addresses.held(client) >= self.cfg.max_sessions_per_ip {
+            self.stats.count_refused(RefuseReason::SessionsPerIp);
+            let body = format!(
+                r#"{{"code":3,"message":"{} sessions from your address already; try again later"}}"#,
+                self.cfg.max_sessions_per_ip
+            );
+            let bytes = http::response_with(429, "application/json", &extra, body.as_bytes());
+            return self.respond(key, req, 429, bytes, now);
         }
         let sid = match engineio::new_sid() {
             Ok(sid) => sid,
@@ -904,10 +940,11 @@ impl Server {
         };
         let open = self.open_packet(&sid, &["websocket"]);
         let rate = RateLimit::new(self.cfg.max_messages_per_sec);
-        let session = PollSession::new(sid.clone(), self.may_control(req), rate, now);
+        let session = PollSession::new(sid.clone(), client, self.may_control(req), rate, now);
         let skey = self.sessions.insert(session);
         self.session_ids.insert(sid, skey);
-        self.stats.client_opened(ClientKind::SocketIoPolling);
+        self.session_addresses
+            .try_add(client, self.cfg.max_sessions_per_ip);
         let bytes = Self::poll_response(req.keep_alive, &cors, &open);
         self.respond_polling(key, req, bytes, now);
     }
@@ -1087,6 +1124,7 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
+        self.session_addresses.remove(session.client);
         self.forget_asks(Peer::Session(skey), Some(Peer::Conn(key)));
         if let Some(ckey) = session.waiting.take()
             && let Some(conn) = self.conns.get_mut(ckey)
@@ -1098,8 +1136,10 @@ impl Server {
             self.stats.messages_sent += conn.flush();
         }
         let Some(conn) = self.conns.get_mut(key) else {
-            self.stats
-                .client_closed(ClientKind::SocketIoPolling, CloseReason::ClientClosed);
+            if session.counted {
+                self.stats
+                    .client_closed(ClientKind::SocketIoPolling, CloseReason::ClientClosed);
+            }
             return;
         };
         if let Some(link) = conn.sio.as_mut() {
@@ -1109,9 +1149,12 @@ impl Server {
         }
         conn.may_control |= session.may_control;
         conn.rate = session.rate;
-        conn.counted = Some(ClientKind::SocketIoWs);
-        self.stats
-            .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        // A session that has not connected yet counts once it does, as this socket.
+        if session.counted {
+            conn.counted = Some(ClientKind::SocketIoWs);
+            self.stats
+                .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        }
         // What the session had queued moves over whole; the queue limit applies from here on.
         for packet in session.take_all() {
             conn.send(&protocol::text_frame(&packet), usize::MAX);
@@ -1132,6 +1175,16 @@ impl Server {
         match packet {
             SioPacket::Connect { nsp, .. } if nsp != "/" => {
                 self.send_packet(peer, &engineio::connect_error(&nsp, "Invalid namespace"));
+            }
+            SioPacket::Connect { .. } if !self.count_client(peer) => {
+                // Full: the stock client reports connect_error; the session, never counted,
+                // is closed at the handshake timeout and the client may try again.
+                self.stats.count_refused(RefuseReason::MaxClients);
+                let message = format!(
+                    "server full: {} clients connected; try again later",
+                    self.stats.clients
+                );
+                self.send_packet(peer, &engineio::connect_error("/", &message));
             }
             SioPacket::Connect { auth, .. } => {
                 let token = auth
@@ -1184,6 +1237,34 @@ impl Server {
                 }
             }
             SioPacket::Ack => {}
+        }
+    }
+
+    /// Counts a Socket.IO client at its first namespace connect: true when it is (or already
+    /// was) counted, false when `--max-clients` are connected already.
+    fn count_client(&mut self, peer: Peer) -> bool {
+        let full = self.stats.clients >= self.cfg.max_clients;
+        match peer {
+            Peer::Conn(key) => match self.conns.get_mut(key) {
+                Some(conn) if conn.counted.is_some() => true,
+                Some(_) if full => false,
+                Some(conn) => {
+                    conn.counted = Some(ClientKind::SocketIoWs);
+                    self.stats.client_opened(ClientKind::SocketIoWs);
+                    true
+                }
+                None => false,
+            },
+            Peer::Session(skey) => match self.sessions.get_mut(skey) {
+                Some(session) if session.counted => true,
+                Some(_) if full => false,
+                Some(session) => {
+                    session.counted = true;
+                    self.stats.client_opened(ClientKind::SocketIoPolling);
+                    true
+                }
+                None => false,
+            },
         }
     }
 
@@ -1292,9 +1373,13 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
+        self.session_addresses.remove(session.client);
         self.forget_asks(Peer::Session(skey), None);
-        self.stats
-            .client_closed(ClientKind::SocketIoPolling, reason);
+        // A session that never connected was never a client.
+        if session.counted {
+            self.stats
+                .client_closed(ClientKind::SocketIoPolling, reason);
+        }
         debug!("socket.io session closed reason={}", reason.label());
         let now = Instant::now();
         if let Some(ckey) = session.waiting
@@ -1928,6 +2013,15 @@ impl Server {
             if conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
             }
+            if conn.sio_connect_overdue(now, timeout) {
+                self.stats.count_refused(RefuseReason::ConnectTimeout);
+                conn.close_ws(
+                    CloseCode::Policy,
+                    "no Socket.IO connect within the handshake timeout",
+                    CloseReason::ProtocolError,
+                    now,
+                );
+            }
             if conn.sio.is_some() {
                 conn.eio_heartbeat(now, interval, ping_timeout, &self.eio_ping);
             } else {
@@ -1942,7 +2036,12 @@ impl Server {
         self.remove_finished();
         let mut dead = Vec::new();
         let mut due = Vec::new();
+        let mut unconnected = Vec::new();
         for (skey, session) in self.sessions.iter_mut() {
+            if session.connect_overdue(now, timeout) {
+                unconnected.push(skey);
+                continue;
+            }
             match session.health(now, interval, ping_timeout) {
                 Health::Fine => {}
                 Health::Ping => due.push(skey),
@@ -1953,6 +2052,10 @@ impl Server {
             self.send_packet(Peer::Session(skey), "2");
         }
         for skey in dead {
+            self.close_session(skey, CloseReason::PingTimeout);
+        }
+        for skey in unconnected {
+            self.stats.count_refused(RefuseReason::ConnectTimeout);
             self.close_session(skey, CloseReason::PingTimeout);
         }
         self.remove_finished();

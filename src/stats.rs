@@ -179,18 +179,25 @@ pub enum RefuseReason {
     FdLimit,
     /// A browser page from an origin not in --allowed-origin (403).
     ForbiddenOrigin,
-    /// --max-clients were already connected (503).
+    /// --max-clients were already connected (503, or a Socket.IO connect_error).
     MaxClients,
+    /// The address already held --max-sessions-per-ip long-polling sessions (429).
+    SessionsPerIp,
+    /// A Socket.IO session or socket that did not connect to the namespace (`40`) within
+    /// --handshake-timeout.
+    ConnectTimeout,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 6] = [
+    pub const ALL: [RefuseReason; 8] = [
         RefuseReason::BadRequest,
         RefuseReason::BadUpgrade,
         RefuseReason::HandshakeTimeout,
         RefuseReason::FdLimit,
         RefuseReason::ForbiddenOrigin,
         RefuseReason::MaxClients,
+        RefuseReason::SessionsPerIp,
+        RefuseReason::ConnectTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -201,6 +208,8 @@ impl RefuseReason {
             RefuseReason::FdLimit => "fd_limit",
             RefuseReason::ForbiddenOrigin => "forbidden_origin",
             RefuseReason::MaxClients => "max_clients",
+            RefuseReason::SessionsPerIp => "sessions_per_ip",
+            RefuseReason::ConnectTimeout => "connect_timeout",
         }
     }
 }
