@@ -9,9 +9,9 @@
 //! tempo change is seen at once); within [`COARSE_MARGIN`] of it, `spin_sleep` sleeps natively
 //! and spins only the last stretch ([`Realtime::spin`]).
 //!
-//! A thread that wakes to find itself [`SKIP_BEHIND`] or more ticks behind (the process was
-//! stopped, the machine paused) does not fire the missed ticks back to back: it skips to the
-//! present ([`catch_up`]), counts them as dropped and tells the loop once, through the event
+//! A thread that wakes to find itself [`SKIP_BEHIND`] or more ticks and [`SKIP_LATE_NS`] behind
+//! (the process was stopped, the machine paused) does not fire the missed ticks back to back:
+//! it skips to the present ([`catch_up`]), counts them as dropped and tells the loop once, through the event
 //! ring, which logs it. Counts never wrap: a count that cannot advance stops the ticks rather
 //! than starting again at 0, where every deadline lies in the past.
 
@@ -40,6 +40,10 @@ const STACK_BYTES: usize = 64 * 1024;
 /// Overdue ticks from which the thread skips to the present instead of catching up. Fewer are
 /// sent late: one or two ticks behind is the ordinary cost of a scheduling hiccup.
 pub const SKIP_BEHIND: u64 = 3;
+/// How late the oldest overdue tick must be, too, before anything is skipped: at fast tick
+/// rates a few milliseconds' hiccup is several ticks, better sent a little late (each carries
+/// its own time) than dropped. So a catch-up burst never spans more than this.
+pub const SKIP_LATE_NS: u64 = 50_000_000;
 
 /// One tick, as the timing thread emitted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,14 +88,16 @@ pub enum TimingEvent {
 }
 
 /// What to do about ticks whose deadlines have passed: `None` to emit `next` (late, or on
-/// time), or the count to skip to when [`SKIP_BEHIND`] or more are overdue at `now`. That count
-/// is the first one not yet due, so nothing is ever emitted back to back to make up for lost
-/// time. Pure, so the rule is tested without a thread or a clock.
+/// time), or the count to skip to when [`SKIP_BEHIND`] or more are overdue at `now`, the
+/// oldest by [`SKIP_LATE_NS`] or more. That count is the first one not yet due, so the
+/// skipped ticks are never emitted back to back to make up for lost time. Pure, so the rule
+/// is tested without a thread or a clock.
 pub fn catch_up(schedule: &TickSchedule, next: u64, now_ns: u64) -> Option<u64> {
+    let late = now_ns.saturating_sub(schedule.deadline_ns(next));
     // Ticks `next..first_future` are due (deadline at or before now).
     let first_future = schedule.first_count_at_or_after(now_ns.saturating_add(1));
     let overdue = first_future.saturating_sub(next);
-    (overdue >= SKIP_BEHIND).then_some(first_future)
+    (overdue >= SKIP_BEHIND && late >= SKIP_LATE_NS).then_some(first_future)
 }
 
 /// What the event loop asks of the timing thread.
@@ -441,11 +447,20 @@ mod tests {
             catch_up(&s, 10, s.deadline_ns(10) + 1_000_000_000),
             Some(19)
         );
+        // At MIDI-clock rates (200 BPM, ppqn 96: 3.125 ms apart) a 20 ms hiccup is six ticks,
+        // sent late; a 60 ms one is skipped.
+        let fast = TickSchedule::new(Bpm::whole(200), 96, 0);
+        assert_eq!(catch_up(&fast, 10, fast.deadline_ns(10) + 20_000_000), None);
+        assert_eq!(
+            catch_up(&fast, 10, fast.deadline_ns(10) + 60_000_000),
+            Some(30)
+        );
     }
 
     proptest! {
         /// Whenever it skips, it skips at least SKIP_BEHIND ticks, to a tick not yet due whose
-        /// predecessor is; whenever it does not, fewer than SKIP_BEHIND are due.
+        /// predecessor is; whenever it does not, fewer than SKIP_BEHIND are due or the oldest
+        /// is less than SKIP_LATE_NS late.
         #[test]
         fn catch_up_skips_exactly_the_overdue_ticks(
             milli in 1_000u32..=1_000_000,
@@ -461,7 +476,9 @@ mod tests {
                     prop_assert!(s.deadline_ns(to) > now);
                     prop_assert!(s.deadline_ns(to - 1) <= now);
                 }
-                None => prop_assert!(s.deadline_ns(next + SKIP_BEHIND - 1) > now),
+                None => prop_assert!(
+                    s.deadline_ns(next + SKIP_BEHIND - 1) > now || late < SKIP_LATE_NS
+                ),
             }
         }
     }
