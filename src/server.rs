@@ -99,6 +99,8 @@ struct Encoded {
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
 const FD_BACKOFF: Duration = Duration::from_millis(250);
+/// Sockets sampled for a stall per housekeeping round, at most (about 0.3 ms of system calls).
+const STALL_SAMPLES_PER_ROUND: usize = 1024;
 /// How often, at most, the log says that the timing thread skipped ticks.
 const SKIP_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -217,6 +219,8 @@ pub struct Server {
     /// When the loop last took a tick from the timing thread: a transport that plays with no
     /// tick for a while is a silent server (`/healthz`).
     last_tick_at: Instant,
+    /// Counts housekeeping rounds, to spread stall sampling over them.
+    housekeeping_round: usize,
     /// Ticks the timing thread skipped since the last log line about it, and when that was.
     skips_unlogged: u64,
     skip_logged_at: Option<Instant>,
@@ -309,6 +313,7 @@ impl Server {
             last_tick_at: Instant::now(),
             skips_unlogged: 0,
             skip_logged_at: None,
+            housekeeping_round: 0,
         })
         .map(|mut server| {
             server.refresh_timeline();
@@ -536,6 +541,9 @@ impl Server {
                                 Rate::Allow => self.on_message(key, m),
                                 Rate::Refuse { warn } => {
                                     self.stats.client_errors += 1;
+                                    if matches!(m, Message::Ping(_)) {
+                                        conn.refuse_pong();
+                                    }
                                     if warn {
                                         let err =
                                             ClientError::RateLimited(self.cfg.max_messages_per_sec);
@@ -2009,9 +2017,17 @@ impl Server {
     fn housekeeping(&mut self, now: Instant) {
         let timeout = self.cfg.handshake_timeout;
         let (interval, ping_timeout) = (self.cfg.ping_interval, self.cfg.ping_timeout);
+        // Sampling a socket for a stall costs a system call: with many clients each is sampled
+        // every few rounds (the watch measures time, not samples).
+        let stride = 1 + self.conns.len() / STALL_SAMPLES_PER_ROUND;
+        let round = self.housekeeping_round;
+        self.housekeeping_round = round.wrapping_add(1);
         for (key, conn) in self.conns.iter_mut() {
             if conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
+            }
+            if (key.wrapping_add(round)) % stride == 0 && conn.check_stall(now) {
+                debug!("stalled client peer={}: not reading", conn.peer);
             }
             if conn.sio_connect_overdue(now, timeout) {
                 self.stats.count_refused(RefuseReason::ConnectTimeout);

@@ -336,3 +336,61 @@ fn a_stalled_timing_thread_skips_the_missed_ticks_instead_of_bursting() {
     );
     assert!(stats["dropped_ticks"].as_u64() >= Some(skipped), "{stats}");
 }
+
+/// Pings count against the message rate like any message, and a refused one gets no pong:
+/// answering it would be doing the work the limit is there to refuse.
+#[test]
+fn pings_over_the_message_rate_get_no_pong() {
+    let server = Server::start(&["--max-messages-per-sec", "5"]);
+    let mut c = server.ws();
+    c.next_event("hello");
+    for i in 0..25u8 {
+        c.ws.send(Message::Ping(vec![i].into())).unwrap();
+    }
+    let (mut pongs, mut errors) = (Vec::new(), 0);
+    let until = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < until {
+        match c.ws.read() {
+            Ok(Message::Pong(p)) => pongs.push(p[0]),
+            Ok(Message::Text(t)) if t.contains("rate_limited") => errors += 1,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        pongs,
+        [0, 1, 2, 3, 4],
+        "pongs only for the pings within the limit"
+    );
+    assert_eq!(errors, 1, "one rate_limited error");
+    // Still connected, and still ticking.
+    c.next_event("tick");
+}
+
+/// A client that stops reading is found within seconds (its kernel backlog stops falling)
+/// and closed as a slow consumer, instead of after its buffers and ours have filled, which
+/// at normal tick rates took longer than the ping timeout.
+#[test]
+fn a_client_that_never_reads_is_closed_within_seconds() {
+    // Pings every 10 minutes: the ping timeout must not be what finds it.
+    let server = Server::start(&["--ping-interval", "600", "--rt-priority", "0"]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let (stalled, _) = tungstenite::client::client(url, common::tiny_buffer_stream(server.port))
+        .expect("handshake");
+    let mut reader = server.ws();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(20);
+    loop {
+        reader.next_event("tick");
+        let stats = server.stats();
+        if stats["closed"]["slow_consumer"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "not closed within 20 s: {stats}");
+    }
+    let took = started.elapsed();
+    eprintln!("a client that never reads was closed after {took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(server.stats()["clients"], 1);
+    drop(stalled);
+}
