@@ -394,3 +394,46 @@ fn a_client_that_never_reads_is_closed_within_seconds() {
     assert_eq!(server.stats()["clients"], 1);
     drop(stalled);
 }
+
+/// The session limits' flags and their environment variables: a bad value is one line on
+/// stderr and status 2, like every other flag.
+#[test]
+fn session_limit_flags_refuse_bad_values_with_status_2() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    for (args, env) in [
+        (&["--max-sessions-per-ip", "0"][..], &[][..]),
+        (&["--max-sessions-per-ip", "many"], &[]),
+        (&["--client-ip-header", "X Forwarded For"], &[]),
+        (&[], &[("CONDUCTOR_MAX_SESSIONS_PER_IP", "0")]),
+        (&[], &[("CONDUCTOR_CLIENT_IP_HEADER", "bad:name")]),
+    ] {
+        let (code, err) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?} {env:?}: {err}");
+        assert!(err.starts_with("conductor: "), "{err}");
+    }
+    let (code, help) = {
+        let out = std::process::Command::new(common::bin())
+            .arg("--help")
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("[env: CONDUCTOR_MAX_SESSIONS_PER_IP="),
+        "{help}"
+    );
+    assert!(help.contains("[env: CONDUCTOR_CLIENT_IP_HEADER="), "{help}");
+}

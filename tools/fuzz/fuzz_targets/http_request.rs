@@ -35,6 +35,10 @@ fuzz_target!(|data: &[u8]| {
                 // Echoed headers must never carry a line break into the response.
                 assert!(cors.iter().all(|h| !h.contains('\r') && !h.contains('\n')));
             }
+            // Whatever a client claims in a forwarding header, the address is an address.
+            let peer = std::net::IpAddr::from([192, 0, 2, 1]);
+            let _ = http::client_ip(&req, Some("x-forwarded-for"), peer);
+            assert_eq!(http::client_ip(&req, None, peer), peer);
             if let Some(token) = http::presented_token(&req) {
                 let _ = http::tokens_match(&token, "s3cret");
             }
