@@ -1628,6 +1628,13 @@ impl Server {
         let Some(link) = self.cluster.as_mut() else {
             return;
         };
+        if link
+            .pending
+            .iter()
+            .all(|p| now.duration_since(p.asked) < ASK_TIMEOUT)
+        {
+            return;
+        }
         let (late, waiting): (Vec<PendingAsk>, Vec<PendingAsk>) = link
             .pending
             .drain(..)
