@@ -14,17 +14,27 @@
 //! The thread must never touch the timing thread or a socket of the event loop: it talks to the
 //! loop through two wait-free rings and the loop's waker, as the timing thread does. If Redis
 //! goes away, nothing here stops a tick: the instances keep the timeline they have, control
-//! requests are refused with a clear error, and the thread reconnects with backoff.
+//! requests are refused with an error that names what is wrong ([`ClusterFault`]), and the
+//! thread reconnects with a backoff that grows on every failed session ([`Backoff`]). Every
+//! control request it is handed is answered ([`Outcome`]), whatever happens to Redis.
+//!
+//! Redis is shared ground: anyone who can write to it can write anything. Every timeline read
+//! from it is checked against this instance's own limits ([`check`]) before it is followed; one
+//! that would silence the instances, make them tick flat out or outside `--min-bpm`/`--max-bpm`
+//! is refused with one log line, and the key is repaired: this instance writes the timeline it
+//! follows over it, with a higher version. A key that cannot be parsed, or holds another Redis
+//! type, is replaced the same way.
 
 use std::io;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use mio::Waker;
 use rtrb::{Consumer, Producer, RingBuffer};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::clock::Clock;
 use crate::tempo::{Bpm, TickSchedule};
@@ -41,6 +51,21 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts for one change before giving up (others kept winning).
 const CAS_ATTEMPTS: usize = 8;
+/// A session that stayed healthy this long resets the backoff: the next outage is new.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// Versions stay exact as a double (Lua's cjson, JavaScript): anything larger is corrupt.
+pub const MAX_VERSION: u64 = 1 << 53;
+/// Counts stay below this: 8,900 years of ticks at the fastest tempo (1000 BPM at ppqn 960),
+/// and another such span before they would lose precision in a JavaScript client.
+pub const MAX_COUNT: u64 = 1 << 52;
+/// How far ahead of now a timeline's anchor or transport change may lie, besides two bars
+/// for a quantised start: a change is planned at most `--cluster-lead-ms` (10 s) ahead, and
+/// this leaves room for clocks that disagree.
+const AHEAD_SLACK_NS: u64 = 60_000_000_000;
+/// No conductor timeline is older than this (2020-01-01): an anchor before it is garbage.
+const ANCHOR_FLOOR_UNIX_NS: u64 = 1_577_836_800_000_000_000;
+/// How far a stored transport instant may stray from the one its count gives.
+const TRANSPORT_TOLERANCE_NS: u64 = 1_000_000;
 
 /// The timeline every instance of a cluster shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,8 +148,117 @@ impl SharedTimeline {
             let count = self.first_count_at_or_after(epoch_unix);
             (count, self.unix_ns_of(count))
         };
-        TickSchedule::anchored(self.bpm(), self.ppqn, count, unix - epoch_unix)
+        TickSchedule::anchored(
+            self.bpm(),
+            self.ppqn.max(1),
+            count,
+            unix.saturating_sub(epoch_unix),
+        )
     }
+}
+
+/// What this instance accepts of a shared timeline: its own flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimelineLimits {
+    pub min_bpm: Bpm,
+    pub max_bpm: Bpm,
+    pub ppqn: u32,
+    pub beats_per_bar: u32,
+}
+
+/// Why a timeline from Redis is not followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum TimelineDefect {
+    #[error("version {0} is not between 1 and 2^53")]
+    Version(u64),
+    #[error(
+        "ppqn {theirs} differs from this instance's {ours}; give every instance the same --ppqn"
+    )]
+    Ppqn { theirs: u32, ours: u32 },
+    #[error("tempo {0} BPM lies outside this instance's --min-bpm..--max-bpm")]
+    Tempo(Bpm),
+    #[error("its anchor lies {0} s ahead of now")]
+    AnchorAhead(u64),
+    #[error("its anchor lies before 2020")]
+    AnchorAncient,
+    #[error("its count would reach {0}, too near the end of the counter")]
+    Count(u64),
+    #[error("its transport change lies {0} s ahead of now")]
+    TransportAhead(u64),
+    #[error("its transport instant does not match its transport count")]
+    TransportInconsistent,
+}
+
+impl TimelineDefect {
+    /// Whether writing a sane timeline over it is right. A timeline of another ppqn is not
+    /// corrupt, only another configuration: overwriting it would start a tug of war between
+    /// instances set up differently, so it is refused and left alone.
+    pub fn repairable(self) -> bool {
+        !matches!(self, TimelineDefect::Ppqn { .. })
+    }
+}
+
+/// Checks a timeline that came from outside against this instance's `limits` at
+/// `now_unix_ns`, and returns it ready to follow. Pure: the rules are unit-tested.
+///
+/// A timeline passes when its version is exact, its ppqn is ours, its tempo lies within our
+/// flags, its anchor lies after 2020 and at most a minute (and two bars) ahead, every count it
+/// names and the count it gives for now stay below [`MAX_COUNT`], and its transport instant is
+/// the one its transport count has on the grid (a change after the anchor) or lies no later
+/// than the anchor (one before it). A timeline written before the transport instant existed
+/// (0) gets it filled in.
+pub fn check(
+    timeline: &SharedTimeline,
+    limits: &TimelineLimits,
+    now_unix_ns: u64,
+) -> Result<SharedTimeline, TimelineDefect> {
+    let mut t = *timeline;
+    if t.version == 0 || t.version >= MAX_VERSION {
+        return Err(TimelineDefect::Version(t.version));
+    }
+    if t.ppqn != limits.ppqn {
+        return Err(TimelineDefect::Ppqn {
+            theirs: t.ppqn,
+            ours: limits.ppqn,
+        });
+    }
+    if !(limits.min_bpm.milli()..=limits.max_bpm.milli()).contains(&t.bpm_milli) {
+        return Err(TimelineDefect::Tempo(t.bpm()));
+    }
+    let bar = t.grid().deadline_ns(
+        t.anchor_count
+            .saturating_add(2 * u64::from(t.ppqn) * u64::from(limits.beats_per_bar)),
+    ) - t.anchor_unix_ns;
+    let latest = now_unix_ns
+        .saturating_add(AHEAD_SLACK_NS)
+        .saturating_add(bar);
+    let ahead_s = |at: u64| at.saturating_sub(now_unix_ns) / 1_000_000_000;
+    if t.anchor_unix_ns > latest {
+        return Err(TimelineDefect::AnchorAhead(ahead_s(t.anchor_unix_ns)));
+    }
+    if t.anchor_unix_ns < ANCHOR_FLOOR_UNIX_NS {
+        return Err(TimelineDefect::AnchorAncient);
+    }
+    let present = t.first_count_at_or_after(now_unix_ns);
+    for count in [t.anchor_count, t.transport_count, present] {
+        if count > MAX_COUNT {
+            return Err(TimelineDefect::Count(count));
+        }
+    }
+    if t.transport_count >= t.anchor_count {
+        let on_grid = t.unix_ns_of(t.transport_count);
+        if t.transport_unix_ns == 0 {
+            t.transport_unix_ns = on_grid;
+        } else if t.transport_unix_ns.abs_diff(on_grid) > TRANSPORT_TOLERANCE_NS {
+            return Err(TimelineDefect::TransportInconsistent);
+        }
+    } else if t.transport_unix_ns > t.anchor_unix_ns {
+        return Err(TimelineDefect::TransportInconsistent);
+    }
+    if t.transport_unix_ns > latest {
+        return Err(TimelineDefect::TransportAhead(ahead_s(t.transport_unix_ns)));
+    }
+    Ok(t)
 }
 
 fn state(playing: bool) -> TransportState {
@@ -152,18 +286,148 @@ pub enum ClusterEvent {
     /// The shared timeline (new, or first read): adopt it.
     Adopt(SharedTimeline),
     Status(ClusterStatus),
+    /// What became of the request handed over with this id.
+    Answer {
+        id: u64,
+        outcome: Outcome,
+    },
+}
+
+/// What became of a control request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written: the new timeline comes back as an `Adopt`.
+    Applied,
+    /// It would change nothing: the timeline already says so.
+    Unchanged,
+    /// Redis failed before it was written.
+    Failed(ClusterFault),
+    /// Other instances' changes won every compare-and-set.
+    Lost,
+}
+
+/// What is wrong with Redis, as far as the cluster can tell: what clients and `/stats` are
+/// told, instead of a blanket "unreachable".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterFault {
+    /// No connection: refused, timed out or cut.
+    Unreachable,
+    /// Redis answers but will not write: a read-only replica, a user without the permission,
+    /// or persistence failing (`READONLY`, `NOPERM`, `MISCONF`).
+    WritesRefused,
+    /// `maxmemory` reached under `noeviction` (`OOM`).
+    OutOfMemory,
+    /// One of the cluster's keys holds another type and could not be replaced (`WRONGTYPE`).
+    WrongType,
+    /// Any other error Redis answered with.
+    Other,
+}
+
+impl ClusterFault {
+    pub const ALL: [ClusterFault; 5] = [
+        ClusterFault::Unreachable,
+        ClusterFault::WritesRefused,
+        ClusterFault::OutOfMemory,
+        ClusterFault::WrongType,
+        ClusterFault::Other,
+    ];
+
+    /// The fault of a failed Redis call: by its error code, or (inside a script, where some
+    /// versions wrap the code) by the text.
+    pub fn of(e: &redis::RedisError) -> ClusterFault {
+        let from_code = |code: &str| match code {
+            "OOM" => Some(ClusterFault::OutOfMemory),
+            "WRONGTYPE" => Some(ClusterFault::WrongType),
+            "READONLY" | "NOPERM" | "MISCONF" => Some(ClusterFault::WritesRefused),
+            _ => None,
+        };
+        if let Some(fault) = e.code().and_then(from_code) {
+            return fault;
+        }
+        if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
+            return ClusterFault::Unreachable;
+        }
+        let text = e.to_string();
+        ["OOM", "WRONGTYPE", "READONLY", "NOPERM", "MISCONF"]
+            .into_iter()
+            .find(|code| text.contains(code))
+            .and_then(from_code)
+            .unwrap_or(ClusterFault::Other)
+    }
+
+    /// For `/stats` and the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClusterFault::Unreachable => "unreachable",
+            ClusterFault::WritesRefused => "writes_refused",
+            ClusterFault::OutOfMemory => "out_of_memory",
+            ClusterFault::WrongType => "wrong_type",
+            ClusterFault::Other => "error",
+        }
+    }
+
+    /// What a client is told: "the cluster's Redis …".
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClusterFault::Unreachable => "is unreachable",
+            ClusterFault::WritesRefused => {
+                "refuses writes (a read-only replica, a user without write permission, or \
+                 failing persistence)"
+            }
+            ClusterFault::OutOfMemory => {
+                "is out of memory (maxmemory reached under a noeviction policy)"
+            }
+            ClusterFault::WrongType => {
+                "holds one of conductor's keys as another type and did not let it be replaced"
+            }
+            ClusterFault::Other => "answers with an error (see the server log)",
+        }
+    }
 }
 
 /// The cluster's state, for `/stats` and for refusing control while Redis is away.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ClusterStatus {
+    /// A session is up: it read the timeline and beat its heartbeat.
     pub connected: bool,
+    /// Why the last session failed, until one succeeds again.
+    pub fault: Option<ClusterFault>,
     /// Instances (this one included) whose heartbeat is recent.
     pub peers: u64,
     pub version: u64,
     /// For the last change this instance adopted: effective instant minus when it heard,
     /// in ms; negative when it heard too late.
     pub last_lead_ms: Option<f64>,
+    /// Timelines from Redis refused by [`check`] (or unreadable), since start.
+    pub timelines_refused: u64,
+}
+
+/// The wait before the next connection attempt. It doubles with every session that fails,
+/// whether it failed connecting or later (a heartbeat Redis refused), from [`BACKOFF_MIN`] to
+/// [`BACKOFF_MAX`]; only a session that stayed healthy for [`STABLE_SESSION`] resets it, so a
+/// Redis that accepts connections but refuses writes is not hammered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// A session failed after being healthy for `healthy_for` (`None`: never healthy).
+    /// Returns how long to wait before the next.
+    pub fn failed(&mut self, healthy_for: Option<Duration>) -> Duration {
+        if healthy_for.is_some_and(|d| d >= STABLE_SESSION) {
+            self.next = BACKOFF_MIN;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        wait
+    }
 }
 
 /// Plans `request` over `current`: the new timeline, effective at the first tick at least
@@ -179,7 +443,7 @@ pub fn plan(
 ) -> Option<SharedTimeline> {
     let effective = current.first_count_at_or_after(now_unix_ns.saturating_add(lead_ns));
     let mut next = *current;
-    next.version = current.version + 1;
+    next.version = current.version.saturating_add(1);
     match request {
         // Not a change: the worker takes it before planning.
         ClusterRequest::Seed(_) => return None,
@@ -240,13 +504,18 @@ impl Keys {
 }
 
 /// Writes ARGV[2] over the timeline only if its stored version is ARGV[1] (0: no timeline
-/// yet, -1: unreadable), then publishes it. Returns 1 when written. Atomic: Redis runs scripts one at a time.
+/// yet, -1: unreadable or not a string), then publishes it. Returns 1 when written. Atomic:
+/// Redis runs scripts one at a time. Changes are planned over a version this instance
+/// checked, so they go through here; anything else found makes it return 0, and the caller
+/// reconciles (and repairs) before it tries again.
 const CAS_SCRIPT: &str = r"
-local cur = redis.call('GET', KEYS[1])
+local kind = redis.call('TYPE', KEYS[1])['ok']
 local v = 0
-if cur then
-  local ok, t = pcall(cjson.decode, cur)
+if kind == 'string' then
+  local ok, t = pcall(cjson.decode, redis.call('GET', KEYS[1]))
   if ok and type(t) == 'table' then v = tonumber(t['version']) or -1 else v = -1 end
+elseif kind ~= 'none' then
+  v = -1
 end
 if v ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -254,9 +523,42 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 ";
 
+/// Writes ARGV[3] over the timeline key only if it still is what this instance read: of
+/// type ARGV[1] ('none' when missing) and, for a string, exactly the bytes ARGV[2]. Then
+/// publishes it. Returns 1 when written. This is how missing, refused, unreadable and
+/// wrong-typed keys are replaced: a stored value that is garbage has no version to compare.
+const REPLACE_SCRIPT: &str = r"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= ARGV[1] then return 0 end
+if t == 'string' and redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
+";
+
+/// The timeline key as read.
+enum Stored {
+    Missing,
+    /// A string: its raw bytes.
+    Value(Vec<u8>),
+    /// Another Redis type (hash, list, …), by its `TYPE` name.
+    OtherType(String),
+}
+
+impl Stored {
+    /// The `TYPE` the replace script must find, and the bytes a string must still hold.
+    fn expectation(&self) -> (&str, &[u8]) {
+        match self {
+            Stored::Missing => ("none", b""),
+            Stored::Value(raw) => ("string", raw),
+            Stored::OtherType(kind) => (kind, b""),
+        }
+    }
+}
+
 /// The event loop's side of the cluster thread.
 pub struct ClusterThread {
-    requests: Producer<ClusterRequest>,
+    requests: Producer<(u64, ClusterRequest)>,
     _handle: JoinHandle<()>,
 }
 
@@ -270,6 +572,8 @@ pub struct ClusterConfig {
     pub lead: Duration,
     pub start_lead: Duration,
     pub beats_per_bar: u32,
+    /// What this instance accepts of a timeline from Redis.
+    pub limits: TimelineLimits,
 }
 
 impl ClusterThread {
@@ -295,6 +599,9 @@ impl ClusterThread {
             waker,
             instance: crate::engineio::new_sid()?,
             status: ClusterStatus::default(),
+            in_flight: None,
+            healthy_since: None,
+            last_refusal: None,
         };
         let handle = thread::Builder::new()
             .name("conductor-cluster".into())
@@ -308,9 +615,10 @@ impl ClusterThread {
         ))
     }
 
-    /// Queues a request; false when the ring is full.
-    pub fn send(&mut self, request: ClusterRequest) -> bool {
-        self.requests.push(request).is_ok()
+    /// Queues a request; its [`Outcome`] comes back as an `Answer` with `id` (a `Seed` has
+    /// none). False when the ring is full.
+    pub fn send(&mut self, id: u64, request: ClusterRequest) -> bool {
+        self.requests.push((id, request)).is_ok()
     }
 }
 
@@ -318,14 +626,20 @@ struct Worker {
     cfg: ClusterConfig,
     client: redis::Client,
     keys: Keys,
-    /// The newest timeline this instance knows.
+    /// The newest timeline this instance knows; always one [`check`] passed (or our own).
     known: SharedTimeline,
-    requests: Consumer<ClusterRequest>,
+    requests: Consumer<(u64, ClusterRequest)>,
     events: Producer<ClusterEvent>,
     waker: Arc<Waker>,
     /// This instance's name in the peers set.
     instance: String,
     status: ClusterStatus,
+    /// The request being written, to answer should Redis fail under it.
+    in_flight: Option<u64>,
+    /// Since when the current session has been healthy.
+    healthy_since: Option<Instant>,
+    /// What the last refused timeline looked like, so that the same refusal is logged once.
+    last_refusal: Option<String>,
 }
 
 /// Why a Redis session ended.
@@ -340,32 +654,51 @@ fn unix_now_ns() -> u64 {
 
 impl Worker {
     fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
-            match self.session() {
-                Ok(()) => return,
-                Err(e) => {
-                    if self.status.connected {
-                        warn!("cluster: lost Redis ({e}); ticking on, control refused until back");
-                        // A fresh outage starts with a quick retry.
-                        backoff = BACKOFF_MIN;
-                    }
-                    self.status.connected = false;
-                    self.report_status();
-                    // Requests made while Redis is away were refused by the loop already;
-                    // anything queued just before the loss is dropped with it. A seed is kept.
-                    while let Ok(request) = self.requests.pop() {
-                        if let ClusterRequest::Seed(timeline) = request
-                            && self.status.version == 0
-                        {
-                            self.known = timeline;
-                        }
-                    }
-                    thread::sleep(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+            let Err(e) = self.session() else {
+                return;
+            };
+            let fault = ClusterFault::of(&e);
+            let healthy_for = self.healthy_since.take().map(|since| since.elapsed());
+            // Said once per outage and kind of failure, not once per attempt.
+            if self.status.connected || self.status.fault != Some(fault) {
+                warn!(
+                    "cluster: Redis {} ({e}); ticking on, control refused until it is fixed, \
+                     retrying with backoff",
+                    fault.describe()
+                );
+            }
+            self.status.connected = false;
+            self.status.fault = Some(fault);
+            self.report_status();
+            self.fail_requests(fault);
+            thread::sleep(backoff.failed(healthy_for));
+        }
+    }
+
+    /// Answers the request Redis failed under and everything queued behind it: the loop
+    /// refuses new ones while no session is up, and none may go unanswered. A seed is kept.
+    fn fail_requests(&mut self, fault: ClusterFault) {
+        if let Some(id) = self.in_flight.take() {
+            self.answer(id, Outcome::Failed(fault));
+        }
+        while let Ok((id, request)) = self.requests.pop() {
+            match request {
+                ClusterRequest::Seed(timeline) => self.seed(timeline),
+                _ => self.answer(id, Outcome::Failed(fault)),
             }
         }
+    }
+
+    fn seed(&mut self, timeline: SharedTimeline) {
+        if self.status.version == 0 {
+            self.known = timeline;
+        }
+    }
+
+    fn answer(&mut self, id: u64, outcome: Outcome) {
+        self.emit(ClusterEvent::Answer { id, outcome });
     }
 
     fn report_status(&mut self) {
@@ -373,12 +706,15 @@ impl Worker {
     }
 
     fn emit(&mut self, event: ClusterEvent) {
-        // A full ring means the loop is stalled; the next reconcile repeats the news.
+        // A full ring means the loop is stalled; the next reconcile repeats the news. (An
+        // answer lost this way is caught by the loop's own timeout.)
         let _ = self.events.push(event);
         let _ = self.waker.wake();
     }
 
-    /// One connection's life: returns only on error (the caller reconnects).
+    /// One connection's life: returns only on error (the caller reconnects). The session
+    /// counts as connected, and control is accepted, only once it has read the timeline and
+    /// beaten its heartbeat: a Redis that lets us in but refuses writes is not a cluster.
     fn session(&mut self) -> RedisResult<()> {
         let timeout = Duration::from_secs(2);
         let mut conn = self.client.get_connection_with_timeout(timeout)?;
@@ -390,34 +726,52 @@ impl Worker {
         pubsub.set_read_timeout(Some(POLL_SLICE))?;
 
         self.reconcile(&mut conn)?;
-        if !self.status.connected {
-            info!(
-                "cluster: connected to Redis, timeline version {}",
-                self.known.version
-            );
-        }
-        self.status.connected = true;
         self.heartbeat(&mut conn)?;
+        info!(
+            "cluster: connected to Redis, timeline version {}",
+            self.known.version
+        );
+        self.status.connected = true;
+        self.status.fault = None;
+        self.healthy_since = Some(Instant::now());
         self.report_status();
 
         let mut next_reconcile = Instant::now() + RECONCILE;
         loop {
-            while let Ok(request) = self.requests.pop() {
+            while let Ok((id, request)) = self.requests.pop() {
                 match request {
-                    ClusterRequest::Seed(timeline) => {
-                        if self.status.version == 0 {
-                            self.known = timeline;
-                        }
+                    ClusterRequest::Seed(timeline) => self.seed(timeline),
+                    request => {
+                        self.in_flight = Some(id);
+                        let outcome = self.apply(&mut conn, request)?;
+                        self.in_flight = None;
+                        self.answer(id, outcome);
                     }
-                    request => self.apply(&mut conn, request)?,
                 }
             }
             match pubsub.get_message() {
                 Ok(msg) => {
-                    if let Ok(payload) = msg.get_payload::<String>()
-                        && let Ok(timeline) = serde_json::from_str::<SharedTimeline>(&payload)
-                    {
-                        self.adopt(timeline);
+                    let heard = msg
+                        .get_payload::<String>()
+                        .ok()
+                        .and_then(|payload| serde_json::from_str::<SharedTimeline>(&payload).ok());
+                    match heard.map(|t| (t.version, check(&t, &self.cfg.limits, unix_now_ns()))) {
+                        Some((_, Ok(timeline))) => self.adopt(timeline),
+                        // Refused or garbage: the key is what counts; read it (and repair it)
+                        // at once rather than at the next reconcile.
+                        // (Logged there, once: this is only the news of it.)
+                        Some((version, Err(defect))) => {
+                            debug!(
+                                "cluster: published timeline version {version} refused: {defect}"
+                            );
+                            self.status.timelines_refused += 1;
+                            next_reconcile = Instant::now();
+                        }
+                        None => {
+                            debug!("cluster: unreadable published timeline ignored");
+                            self.status.timelines_refused += 1;
+                            next_reconcile = Instant::now();
+                        }
                     }
                 }
                 Err(e) if e.is_timeout() => {}
@@ -432,46 +786,120 @@ impl Worker {
         }
     }
 
-    /// Reads the stored timeline (the truth) and adopts it if newer; writes ours when the key
-    /// is missing (first instance, or Redis restarted empty).
+    /// Reads the timeline key, whatever it holds.
+    fn read_stored(&self, conn: &mut redis::Connection) -> RedisResult<Stored> {
+        let read: RedisResult<Option<Vec<u8>>> =
+            redis::cmd("GET").arg(&self.keys.timeline).query(conn);
+        match read {
+            Ok(None) => Ok(Stored::Missing),
+            Ok(Some(raw)) => Ok(Stored::Value(raw)),
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                let kind: String = redis::cmd("TYPE").arg(&self.keys.timeline).query(conn)?;
+                Ok(Stored::OtherType(kind))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the stored timeline (the truth) and follows it if it is newer and sane; writes
+    /// ours when the key is missing (first instance, or Redis restarted empty) or ours is
+    /// newer; repairs it when it is refused, unreadable or of another type.
     ///
     /// A stored version below ours means Redis went back in time (restarted empty, and an
     /// instance with an older timeline wrote first): ours is newer and is written over it, so
-    /// the instances converge instead of ignoring each other. An unreadable key is replaced.
+    /// the instances converge instead of ignoring each other.
     fn reconcile(&mut self, conn: &mut redis::Connection) -> RedisResult<()> {
-        let stored: Option<String> = redis::cmd("GET").arg(&self.keys.timeline).query(conn)?;
-        let first = self.status.version == 0;
-        let expected: i64 = match stored
-            .as_deref()
-            .map(serde_json::from_str::<SharedTimeline>)
-        {
-            None => 0,
-            Some(Ok(timeline)) if first || !self.ours_wins(&timeline) => {
-                self.adopt(timeline);
-                return Ok(());
+        let stored = self.read_stored(conn)?;
+        let write = match &stored {
+            Stored::Missing => self.known,
+            Stored::OtherType(kind) => {
+                self.refuse(
+                    &format!("the timeline key, which holds a Redis {kind}, not a string"),
+                    true,
+                );
+                self.repaired(None)
             }
-            Some(Ok(timeline)) => i64::try_from(timeline.version).unwrap_or(-1),
-            Some(Err(e)) => {
-                warn!("cluster: the stored timeline is unreadable ({e}); writing ours over it");
-                -1
-            }
+            Stored::Value(raw) => match serde_json::from_slice::<SharedTimeline>(raw) {
+                Err(e) => {
+                    self.refuse(&format!("the stored timeline, unreadable ({e})"), true);
+                    self.repaired(None)
+                }
+                Ok(timeline) => match check(&timeline, &self.cfg.limits, unix_now_ns()) {
+                    Err(defect) if !defect.repairable() => {
+                        // Another configuration, not corruption: follow nothing, write nothing.
+                        self.refuse(
+                            &format!("the stored timeline version {}: {defect}", timeline.version),
+                            false,
+                        );
+                        return Ok(());
+                    }
+                    Err(defect) => {
+                        self.refuse(
+                            &format!("the stored timeline version {}: {defect}", timeline.version),
+                            true,
+                        );
+                        self.repaired(Some(timeline.version))
+                    }
+                    Ok(timeline) if self.status.version == 0 || !self.ours_wins(&timeline) => {
+                        self.adopt(timeline);
+                        return Ok(());
+                    }
+                    Ok(_) => self.known,
+                },
+            },
         };
-        let ours = serde_json::to_string(&self.known).unwrap_or_default();
-        let written: i64 = redis::Script::new(CAS_SCRIPT)
-            .key(&self.keys.timeline)
-            .key(&self.keys.channel)
-            .arg(expected)
-            .arg(ours)
-            .invoke(conn)?;
-        if written == 0 {
-            // Another instance wrote in between (say, two writing back to an empty Redis):
-            // follow what it wrote now, not at the next reconcile.
-            let stored: Option<String> = redis::cmd("GET").arg(&self.keys.timeline).query(conn)?;
-            if let Some(Ok(timeline)) = stored.as_deref().map(serde_json::from_str) {
-                self.adopt(timeline);
-            }
+        if self.replace(conn, &stored, &write)? {
+            self.adopt(write);
+            return Ok(());
+        }
+        // Another instance wrote in between (say, two writing back to an empty Redis, or two
+        // repairing): follow what it wrote now, not at the next reconcile.
+        if let Stored::Value(raw) = self.read_stored(conn)?
+            && let Ok(timeline) = serde_json::from_slice::<SharedTimeline>(&raw)
+            && let Ok(timeline) = check(&timeline, &self.cfg.limits, unix_now_ns())
+        {
+            self.adopt(timeline);
         }
         Ok(())
+    }
+
+    /// Writes `write` over the key if it still is `stored`; true when written.
+    fn replace(
+        &self,
+        conn: &mut redis::Connection,
+        stored: &Stored,
+        write: &SharedTimeline,
+    ) -> RedisResult<bool> {
+        let (kind, raw) = stored.expectation();
+        let json = serde_json::to_string(write).unwrap_or_default();
+        let written: i64 = redis::Script::new(REPLACE_SCRIPT)
+            .key(&self.keys.timeline)
+            .key(&self.keys.channel)
+            .arg(kind)
+            .arg(raw)
+            .arg(json)
+            .invoke(conn)?;
+        Ok(written == 1)
+    }
+
+    fn repaired(&self, refused_version: Option<u64>) -> SharedTimeline {
+        repaired(&self.known, refused_version)
+    }
+
+    /// Counts a refused timeline; one log line per distinct refusal, so that an attacker
+    /// rewriting the key every second, or a misconfigured instance, does not flood the log.
+    /// `repair`: this instance writes the timeline it follows over the key.
+    fn refuse(&mut self, why: &str, repair: bool) {
+        self.status.timelines_refused += 1;
+        if self.last_refusal.as_deref() != Some(why) {
+            let then = if repair {
+                "writing the timeline we follow over it"
+            } else {
+                "following the timeline we have"
+            };
+            warn!("cluster: refusing {why}; {then}");
+            self.last_refusal = Some(why.to_string());
+        }
     }
 
     /// Whether the timeline this instance knows should replace `other` rather than follow it.
@@ -488,7 +916,24 @@ impl Worker {
         self.known.first_count_at_or_after(now) > other.first_count_at_or_after(now)
     }
 
+    /// Beats this instance's heartbeat and counts the peers. A peers key of another type
+    /// (ours alone, and rebuilt within a second by every instance's heartbeat) is deleted
+    /// and the beat retried once.
     fn heartbeat(&mut self, conn: &mut redis::Connection) -> RedisResult<()> {
+        match self.beat(conn) {
+            Err(e) if ClusterFault::of(&e) == ClusterFault::WrongType => {
+                warn!(
+                    "cluster: {} is not a sorted set; deleting it so the heartbeats can rebuild it",
+                    self.keys.peers
+                );
+                redis::cmd("DEL").arg(&self.keys.peers).exec(conn)?;
+                self.beat(conn)
+            }
+            other => other,
+        }
+    }
+
+    fn beat(&mut self, conn: &mut redis::Connection) -> RedisResult<()> {
         let now_ms = unix_now_ns() / 1_000_000;
         let (_, _, peers): ((), (), u64) = redis::pipe()
             .cmd("ZADD")
@@ -506,20 +951,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Adopts `timeline` if it is newer than what this instance knows.
+    /// Adopts `timeline`, one [`check`] passed, if it is newer than what this instance knows.
     fn adopt(&mut self, timeline: SharedTimeline) {
-        // Redis is shared ground: a timeline that would make the timing thread tick flat out
-        // or divide by zero is refused, whoever wrote it.
-        let sane = (1..=1_000_000).contains(&timeline.bpm_milli)
-            && (1..=960).contains(&timeline.ppqn)
-            && timeline.version < 1 << 53;
-        if !sane {
-            warn!(
-                "cluster: ignoring an impossible timeline (version {}, bpm_milli {}, ppqn {})",
-                timeline.version, timeline.bpm_milli, timeline.ppqn
-            );
-            return;
-        }
         let first = self.status.version == 0;
         // Older versions are history, and so is a rival of the same version that ours beats
         // (see `ours_wins`): the next reconcile writes ours over it.
@@ -540,7 +973,11 @@ impl Worker {
 
     /// Plans and writes one change; retried over a newer version when another instance wrote
     /// first.
-    fn apply(&mut self, conn: &mut redis::Connection, request: ClusterRequest) -> RedisResult<()> {
+    fn apply(
+        &mut self,
+        conn: &mut redis::Connection,
+        request: ClusterRequest,
+    ) -> RedisResult<Outcome> {
         for _ in 0..CAS_ATTEMPTS {
             let lead = u64::try_from(self.cfg.lead.as_nanos()).unwrap_or(u64::MAX);
             let start_lead = u64::try_from(self.cfg.start_lead.as_nanos()).unwrap_or(u64::MAX);
@@ -552,9 +989,7 @@ impl Worker {
                 start_lead,
                 self.cfg.beats_per_bar,
             ) else {
-                // Nothing changes; tell the loop the timeline stands (it confirms).
-                self.emit(ClusterEvent::Adopt(self.known));
-                return Ok(());
+                return Ok(Outcome::Unchanged);
             };
             let json = serde_json::to_string(&next).unwrap_or_default();
             let written: i64 = redis::Script::new(CAS_SCRIPT)
@@ -565,13 +1000,27 @@ impl Worker {
                 .invoke(conn)?;
             if written == 1 {
                 self.adopt(next);
-                return Ok(());
+                return Ok(Outcome::Applied);
             }
             self.reconcile(conn)?;
         }
-        warn!("cluster: a change lost {CAS_ATTEMPTS} races in a row; dropped");
-        Ok(())
+        warn!("cluster: a change lost {CAS_ATTEMPTS} races in a row; refused");
+        Ok(Outcome::Lost)
     }
+}
+
+/// The timeline to write over a refused one: the one this instance follows (`known`), under
+/// a version above both, so that every instance takes it. A refused version past
+/// [`MAX_VERSION`] cannot be topped sanely and is ignored: the other instances, knowing
+/// nothing better, take the repair as the newest sane timeline.
+pub fn repaired(known: &SharedTimeline, refused_version: Option<u64>) -> SharedTimeline {
+    let mut t = *known;
+    let above = refused_version
+        .filter(|v| *v < MAX_VERSION)
+        .unwrap_or(0)
+        .max(t.version);
+    t.version = above.saturating_add(1);
+    t
 }
 
 /// The instant the change from `old` to `new` first affects a tick: the new anchor (tempo) or
@@ -684,6 +1133,173 @@ mod tests {
                 "tick {count}: {shared} vs {local}"
             );
         }
+    }
+
+    const LIMITS: TimelineLimits = TimelineLimits {
+        min_bpm: Bpm::whole(60),
+        max_bpm: Bpm::whole(200),
+        ppqn: 4,
+        beats_per_bar: 4,
+    };
+
+    /// Two seconds after `timeline()`'s anchor.
+    const NOW: u64 = 1_700_000_002_000_000_000;
+
+    #[test]
+    fn a_sane_timeline_passes_and_an_old_one_gets_its_transport_instant() {
+        let t = timeline();
+        assert_eq!(check(&t, &LIMITS, NOW), Ok(t));
+        // Written before transport_unix_ns existed: filled in from the count.
+        let mut old = t;
+        old.transport_count = 120;
+        old.transport_unix_ns = 0;
+        let checked = check(&old, &LIMITS, NOW).unwrap();
+        assert_eq!(checked.transport_unix_ns, t.unix_ns_of(120));
+        // A change planned over it passes too.
+        let next = plan(&t, ClusterRequest::SetBpm(Bpm::whole(150)), NOW, LEAD, 0, 4).unwrap();
+        assert_eq!(check(&next, &LIMITS, NOW), Ok(next));
+        let started = plan(&t, ClusterRequest::Stop, NOW, LEAD, 0, 4)
+            .and_then(|s| plan(&s, ClusterRequest::Start(Quantize::Bar), NOW, LEAD, 0, 4))
+            .unwrap();
+        assert_eq!(check(&started, &LIMITS, NOW), Ok(started));
+    }
+
+    /// What the outside attacker wrote into Redis, each refused.
+    #[test]
+    fn timelines_that_would_silence_or_race_the_instances_are_refused() {
+        let with = |f: &dyn Fn(&mut SharedTimeline)| {
+            let mut t = timeline();
+            f(&mut t);
+            check(&t, &LIMITS, NOW)
+        };
+        // Runaway: a count about to wrap.
+        assert!(matches!(
+            with(&|t| t.anchor_count = u64::MAX - 8),
+            Err(TimelineDefect::Count(_))
+        ));
+        // Silence: an anchor a year ahead, or a start that never comes.
+        let year = 365 * 24 * 3600 * 1_000_000_000u64;
+        assert!(matches!(
+            with(&|t| {
+                t.anchor_unix_ns += year;
+                t.transport_unix_ns += year;
+            }),
+            Err(TimelineDefect::AnchorAhead(_))
+        ));
+        assert!(matches!(
+            with(&|t| {
+                t.playing_before = false;
+                t.transport_count = u64::MAX - 1;
+            }),
+            Err(TimelineDefect::Count(_))
+        ));
+        // A start far ahead, its instant consistent with its count.
+        assert!(matches!(
+            with(&|t| {
+                t.playing_before = false;
+                t.transport_count = 100 + 8 * 3600;
+                t.transport_unix_ns = t.unix_ns_of(t.transport_count);
+            }),
+            Err(TimelineDefect::TransportAhead(3598))
+        ));
+        // A transport instant that does not belong to its count.
+        assert_eq!(
+            with(&|t| {
+                t.transport_count = 200;
+                t.transport_unix_ns = NOW;
+            }),
+            Err(TimelineDefect::TransportInconsistent)
+        );
+        assert_eq!(
+            with(&|t| {
+                t.transport_count = 50;
+                t.transport_unix_ns = t.anchor_unix_ns + 1;
+            }),
+            Err(TimelineDefect::TransportInconsistent)
+        );
+        // Tempo outside this instance's flags, though within what any instance could run.
+        assert_eq!(
+            with(&|t| t.bpm_milli = 1_000_000),
+            Err(TimelineDefect::Tempo(Bpm::whole(1000)))
+        );
+        assert_eq!(
+            with(&|t| t.bpm_milli = 59_999),
+            Err(TimelineDefect::Tempo(Bpm::from_milli(59_999)))
+        );
+        // Versions that are not exact, or none.
+        assert_eq!(
+            with(&|t| t.version = 1 << 60),
+            Err(TimelineDefect::Version(1 << 60))
+        );
+        assert_eq!(with(&|t| t.version = 0), Err(TimelineDefect::Version(0)));
+        assert_eq!(
+            with(&|t| t.anchor_unix_ns = 0),
+            Err(TimelineDefect::AnchorAncient)
+        );
+        // Another ppqn: refused, but not to be overwritten.
+        let other = with(&|t| t.ppqn = 24).unwrap_err();
+        assert!(!other.repairable());
+        assert!(TimelineDefect::Count(1).repairable());
+    }
+
+    #[test]
+    fn a_repair_carries_our_timeline_above_the_refused_version() {
+        let ours = timeline();
+        assert_eq!(repaired(&ours, Some(10)).version, 11);
+        assert_eq!(repaired(&ours, Some(1)).version, 4, "ours was newer");
+        assert_eq!(
+            repaired(&ours, Some(1 << 60)).version,
+            4,
+            "beyond 2^53: ignored"
+        );
+        assert_eq!(repaired(&ours, None).version, 4);
+        let r = repaired(&ours, Some(10));
+        assert_eq!(check(&r, &LIMITS, NOW).map(|t| t.anchor_count), Ok(100));
+    }
+
+    #[test]
+    fn backoff_grows_on_every_failed_session_until_one_was_healthy_long_enough() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..7).map(|_| b.failed(None)).collect();
+        assert_eq!(waits[0], BACKOFF_MIN);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(waits[6], BACKOFF_MAX);
+        // A session that connected and failed its first heartbeat is still a failure: the
+        // defect the outside attacker found (ten reconnects a second).
+        assert_eq!(b.failed(Some(Duration::from_millis(5))), BACKOFF_MAX);
+        assert_eq!(b.failed(Some(STABLE_SESSION)), BACKOFF_MIN);
+        assert_eq!(b.failed(None), BACKOFF_MIN * 2);
+    }
+
+    #[test]
+    fn redis_errors_name_the_real_fault() {
+        let server_error = |resp: &[u8]| -> redis::RedisError {
+            match redis::parse_redis_value(resp).and_then(|v| v.extract_error()) {
+                Err(e) => e,
+                Ok(v) => panic!("not an error: {v:?}"),
+            }
+        };
+        let cases: [(&[u8], ClusterFault); 5] = [
+            (
+                b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+                ClusterFault::OutOfMemory,
+            ),
+            (
+                b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+                ClusterFault::WrongType,
+            ),
+            (
+                b"-READONLY You can't write against a read only replica.\r\n",
+                ClusterFault::WritesRefused,
+            ),
+            (b"-NOPERM no permissions\r\n", ClusterFault::WritesRefused),
+            (b"-ERR something else\r\n", ClusterFault::Other),
+        ];
+        for (resp, fault) in cases {
+            assert_eq!(ClusterFault::of(&server_error(resp)), fault, "{resp:?}");
+        }
+        let refused = redis::RedisError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(ClusterFault::of(&refused), ClusterFault::Unreachable);
     }
 
     #[test]

@@ -85,6 +85,18 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_POLLING_SESSIONS", default_value_t = 1000)]
     pub max_polling_sessions: usize,
 
+    /// Most Socket.IO long-polling sessions from one address (an IPv6 /64 counts as one);
+    /// further handshakes from it get 429. A stock client polls only until it upgrades to
+    /// WebSocket, so this caps what one peer can hold, not a classroom behind one NAT.
+    #[arg(long, env = "CONDUCTOR_MAX_SESSIONS_PER_IP", default_value_t = 32)]
+    pub max_sessions_per_ip: usize,
+
+    /// Take the client's address from this request header (e.g. Fly-Client-IP, or
+    /// X-Forwarded-For, whose last entry is used) for --max-sessions-per-ip and for binding a
+    /// session to its client. Only behind a proxy that sets it: anyone can send the header.
+    #[arg(long, env = "CONDUCTOR_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+
     /// Only connections presenting this token (?token= or Authorization: Bearer) may change
     /// the tempo; everyone else still receives ticks.
     #[arg(long, env = "CONDUCTOR_CONTROL_TOKEN", hide_env_values = true)]
@@ -198,6 +210,9 @@ pub struct Config {
     pub max_messages_per_sec: u32,
     pub max_clients: usize,
     pub max_polling_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    /// Lower-cased.
+    pub client_ip_header: Option<String>,
     pub control_token: Option<String>,
     /// Lower-cased, without a trailing slash.
     pub allowed_origins: Vec<String>,
@@ -237,6 +252,10 @@ pub enum ConfigError {
     BadMaxClients(usize),
     #[error("--max-polling-sessions {0} is out of range; use 0 (no long-polling) to 100000")]
     BadMaxPollingSessions(usize),
+    #[error("--max-sessions-per-ip {0} is out of range; use 1 to 100000")]
+    BadMaxSessionsPerIp(usize),
+    #[error("--client-ip-header {0:?} is not a header name; give e.g. X-Forwarded-For")]
+    BadClientIpHeader(String),
     #[error("--control-token must be 1 to 256 visible ASCII characters")]
     BadToken,
     #[error(
@@ -319,6 +338,18 @@ impl Cli {
                 self.max_polling_sessions,
             ));
         }
+        if !(1..=100_000).contains(&self.max_sessions_per_ip) {
+            return Err(ConfigError::BadMaxSessionsPerIp(self.max_sessions_per_ip));
+        }
+        if let Some(name) = &self.client_ip_header
+            && (name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)))
+        {
+            return Err(ConfigError::BadClientIpHeader(name.clone()));
+        }
         if let Some(token) = &self.control_token
             && (token.is_empty()
                 || token.len() > 256
@@ -385,6 +416,11 @@ impl Cli {
             max_messages_per_sec: self.max_messages_per_sec,
             max_clients: self.max_clients,
             max_polling_sessions: self.max_polling_sessions,
+            max_sessions_per_ip: self.max_sessions_per_ip,
+            client_ip_header: self
+                .client_ip_header
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
             control_token: self.control_token.clone(),
             allowed_origins,
             ping_interval: Duration::from_secs(self.ping_interval),
@@ -532,6 +568,29 @@ mod tests {
             "{text}"
         );
         assert!(text.trim_end().ends_with(')'), "{text}");
+    }
+
+    #[test]
+    fn session_limits_per_address_and_the_client_ip_header() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.max_sessions_per_ip, c.client_ip_header), (32, None));
+        let c = parse(&[
+            "--max-sessions-per-ip",
+            "4",
+            "--client-ip-header",
+            "Fly-Client-IP",
+        ])
+        .unwrap();
+        assert_eq!(c.max_sessions_per_ip, 4);
+        assert_eq!(c.client_ip_header.as_deref(), Some("fly-client-ip"));
+        assert_eq!(
+            parse(&["--max-sessions-per-ip", "0"]).unwrap_err(),
+            ConfigError::BadMaxSessionsPerIp(0)
+        );
+        assert!(matches!(
+            parse(&["--client-ip-header", "X Forwarded"]),
+            Err(ConfigError::BadClientIpHeader(_))
+        ));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,12 @@ const WS_READ_BUFFER: usize = 1024;
 const DRAIN_READS: usize = 16;
 /// How many queued frames one `writev` hands to the kernel.
 const WRITEV_FRAMES: usize = 32;
+/// The kernel send buffer asked for a WebSocket client (the kernel doubles it). Autotuned, it
+/// grows to hundreds of KiB for a client that never reads; ticks need a few KiB in flight.
+const WS_SEND_BUFFER: libc::c_int = 16 * 1024;
+/// How long a client's unacknowledged bytes may sit without falling before it is closed as a
+/// slow consumer ([`StallWatch`]).
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 
 /// Per-connection message rate limit over one-second windows.
 #[derive(Clone, Copy, Debug)]
@@ -195,7 +202,14 @@ impl OutQueue {
 struct WsIo<'a> {
     sock: &'a mut TcpStream,
     out: &'a mut OutQueue,
+    /// Set when the next pong tungstenite writes is to be dropped: it answers a ping the rate
+    /// limit refused.
+    drop_pong: &'a mut bool,
 }
+
+/// The first byte of an unmasked, final pong frame: the only pongs tungstenite writes are its
+/// automatic answers to pings (the server never sends one of its own).
+const PONG_FRAME_START: u8 = 0x8A;
 
 impl Read for WsIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -205,6 +219,11 @@ impl Read for WsIo<'_> {
 
 impl Write for WsIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // With a write buffer of 0, tungstenite hands over each frame in one write.
+        if *self.drop_pong && buf.first() == Some(&PONG_FRAME_START) {
+            *self.drop_pong = false;
+            return Ok(buf.len());
+        }
         self.out.push(Arc::from(buf));
         Ok(buf.len())
     }
@@ -281,6 +300,40 @@ pub struct Connection {
     /// Requests answered on this connection under keep-alive: once one has been, waiting for
     /// the next is idling, not a slow handshake.
     served: u64,
+    /// The pong for the ping just read is not to be sent (see [`Self::refuse_pong`]).
+    drop_pong: bool,
+    /// Whether the bytes the kernel holds unsent for this client are going anywhere.
+    stall: StallWatch,
+    /// The peer stopped reading: if it has not finished closing by the deadline, the socket
+    /// is reset rather than closed, so the kernel does not keep its unsent bytes for minutes.
+    reset_on_drop: bool,
+}
+
+/// Watches the bytes the kernel holds for a client without having been able to send them
+/// (`SIOCOUTQNSD`), sampled now and then. Ticks are far too few bytes to fill any link, so
+/// for a client that reads there are none, or they fall by the next sample; for one that
+/// stopped reading (its receive window shut) or vanished (no acknowledgements) they stay or
+/// grow. Pure, over samples given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StallWatch {
+    /// The last sample, and since when none has fallen below the one before.
+    last: u32,
+    since: Option<Instant>,
+}
+
+impl StallWatch {
+    /// Takes a sample of unsent bytes; true when they have been above zero without ever
+    /// falling for `after`.
+    pub fn sample(&mut self, unsent: u32, now: Instant, after: Duration) -> bool {
+        let stuck = unsent > 0 && unsent >= self.last;
+        self.last = unsent;
+        if !stuck {
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        now.duration_since(since) >= after
+    }
 }
 
 /// A WebSocket connection that speaks Engine.IO / Socket.IO rather than `/ws`'s protocol.
@@ -340,6 +393,9 @@ impl Connection {
             counted: None,
             parked_for: None,
             served: 0,
+            drop_pong: false,
+            stall: StallWatch::default(),
+            reset_on_drop: false,
         }
     }
 
@@ -383,7 +439,7 @@ impl Connection {
         self.state = next;
     }
 
-    /// Reads until the request head (and a POST's body) is complete or the socket is drained.
+    /// Reads until the request head and its body are complete or the socket is drained.
     pub fn read_head(&mut self) -> HeadRead {
         let State::Http { head } = &mut self.state else {
             return HeadRead::Pending;
@@ -391,14 +447,11 @@ impl Connection {
         let mut buf = [0u8; 2048];
         loop {
             match http::parse_request(head) {
-                Ok(Some(mut req)) => match http::body_length(&req) {
-                    Err(e) => return HeadRead::Invalid(e),
-                    Ok(length) if head.len() >= req.head_len + length => {
-                        req.body = head[req.head_len..req.head_len + length].to_vec();
-                        return HeadRead::Request(req);
-                    }
-                    Ok(_) => {}
-                },
+                Ok(Some(mut req)) if head.len() >= req.head_len + req.body_len => {
+                    req.body = head[req.head_len..req.head_len + req.body_len].to_vec();
+                    return HeadRead::Request(req);
+                }
+                Ok(Some(_)) => {}
                 Ok(None) => {}
                 Err(e) => return HeadRead::Invalid(e),
             }
@@ -475,6 +528,8 @@ impl Connection {
             .max_message_size(Some(max_message_bytes))
             .max_frame_size(Some(max_message_bytes));
         let ws = WebSocketContext::from_partially_read(leftover, Role::Server, Some(config));
+        // Best effort: with the autotuned size a client that never reads only costs more.
+        let _ = set_send_buffer(&self.sock, WS_SEND_BUFFER);
         self.out.push_uncounted(response.into());
         self.state = State::Open { ws: Box::new(ws) };
     }
@@ -490,6 +545,7 @@ impl Connection {
             let mut io = WsIo {
                 sock: &mut self.sock,
                 out: &mut self.out,
+                drop_pong: &mut self.drop_pong,
             };
             let err = match ws.read(&mut io) {
                 Ok(message) => {
@@ -541,6 +597,33 @@ impl Connection {
         }
     }
 
+    /// Drops the pong tungstenite queued for the ping just read: the rate limit refused that
+    /// ping, and a refused message gets no answer, pings included.
+    pub fn refuse_pong(&mut self) {
+        self.drop_pong = true;
+    }
+
+    /// Samples what the kernel holds unsent for this client (`SIOCOUTQNSD`) and closes it as
+    /// a slow consumer (1008) when that has not fallen for [`STALLED_AFTER`]: a client that
+    /// stopped reading is found in seconds, not once its buffers and ours are full. Returns
+    /// true when it closed.
+    pub fn check_stall(&mut self, now: Instant) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let unsent = unsent_bytes(&self.sock).unwrap_or(0);
+        if !self.stall.sample(unsent, now, STALLED_AFTER) {
+            return false;
+        }
+        self.close_ws(
+            CloseCode::Policy,
+            "too slow: not reading",
+            CloseReason::SlowConsumer,
+            now,
+        );
+        true
+    }
+
     /// Queues `frame` for an open client. False when the client is already `limit` frames
     /// behind: the caller closes it as a slow consumer.
     pub fn send(&mut self, frame: &SharedFrame, limit: usize) -> bool {
@@ -552,6 +635,19 @@ impl Connection {
         }
         self.out.push(Arc::clone(frame));
         true
+    }
+
+    /// A Socket.IO socket that has not connected to the namespace (`40`, which makes it a
+    /// counted client) within `timeout` of its upgrade: a handshake left hanging. One taking
+    /// over a polling session is not (the session is the client until it completes).
+    pub fn sio_connect_overdue(&self, now: Instant, timeout: Duration) -> bool {
+        self.is_open()
+            && self.counted.is_none()
+            && self
+                .sio
+                .as_ref()
+                .is_some_and(|l| l.upgrading_from.is_none())
+            && now.duration_since(self.accepted) >= timeout
     }
 
     /// Pings a client that has been silent too long, or closes one that never answered.
@@ -566,6 +662,7 @@ impl Connection {
                     let mut io = WsIo {
                         sock: &mut self.sock,
                         out: &mut self.out,
+                        drop_pong: &mut self.drop_pong,
                     };
                     // Writes into our queue; it cannot block or fail for an open context.
                     let _ = ws.write(&mut io, Message::Ping(Default::default()));
@@ -633,10 +730,12 @@ impl Connection {
         if let State::Open { ws } = &mut self.state {
             if why == CloseReason::SlowConsumer {
                 self.out.drop_unstarted();
+                self.reset_on_drop = true;
             }
             let mut io = WsIo {
                 sock: &mut self.sock,
                 out: &mut self.out,
+                drop_pong: &mut self.drop_pong,
             };
             let frame = CloseFrame {
                 code,
@@ -741,6 +840,12 @@ impl Connection {
                 self.served == 0
             }
             State::Closing { until, .. } | State::Parked { until, .. } if now >= *until => {
+                // A peer that stopped reading will not take what is left: reset instead of a
+                // close that leaves the kernel holding it (and probing a shut window) for
+                // minutes.
+                if self.reset_on_drop || !self.out.is_empty() {
+                    reset_on_close(&self.sock);
+                }
                 self.state = State::Done;
                 false
             }
@@ -749,9 +854,85 @@ impl Connection {
     }
 }
 
+/// Asks for a send buffer of `bytes` (the kernel doubles it, and stops autotuning it).
+fn set_send_buffer(sock: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: the descriptor is open for the call, and the option value outlives it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Bytes queued in the kernel and not yet sent: held back by the peer's window (or a
+/// collapsed congestion window), not merely waiting for an acknowledgement (`SIOCOUTQNSD`).
+fn unsent_bytes(sock: &TcpStream) -> io::Result<u32> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int, into `bytes`, which outlives the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut bytes) };
+    if rc == 0 {
+        Ok(u32::try_from(bytes).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the coming close a reset (`SO_LINGER` 0): what is unsent is discarded at once.
+fn reset_on_close(sock: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the descriptor is open for the call, and the option value outlives it. A
+    // failure leaves an ordinary close, which is what would happen anyway.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_whose_unsent_bytes_never_fall_is_stalled() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let after = Duration::from_secs(5);
+        let mut w = StallWatch::default();
+        // Reading: the backlog comes and goes.
+        for (i, bytes) in [0, 300, 0, 150, 900, 200, 0].into_iter().enumerate() {
+            assert!(!w.sample(bytes, at(i as u64 * 1000), after));
+        }
+        // Stopped reading: the backlog only grows, then stays.
+        let mut w = StallWatch::default();
+        assert!(!w.sample(2000, at(0), after));
+        assert!(!w.sample(2600, at(2000), after));
+        assert!(!w.sample(2600, at(4000), after));
+        assert!(w.sample(3000, at(5000), after));
+        // One fall starts the wait again.
+        let mut w = StallWatch::default();
+        assert!(!w.sample(2000, at(0), after));
+        assert!(!w.sample(1900, at(4000), after));
+        assert!(!w.sample(1900, at(8000), after));
+        assert!(!w.sample(1900, at(12000), after));
+        assert!(w.sample(1900, at(13000), after));
+    }
 
     /// A writer that takes at most `cap` bytes per call, then blocks after `calls` calls.
     struct Trickle {

@@ -22,11 +22,11 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -38,8 +38,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::cluster::{
-    ClusterConfig, ClusterEvent, ClusterEvents, ClusterRequest, ClusterStatus, ClusterThread,
-    SharedTimeline,
+    ClusterConfig, ClusterEvent, ClusterEvents, ClusterFault, ClusterRequest, ClusterStatus,
+    ClusterThread, Outcome, SharedTimeline, TimelineLimits,
 };
 use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, SioLink, State, WsRead};
@@ -50,7 +50,7 @@ use crate::protocol::{
     TransportData,
 };
 use crate::rt;
-use crate::session::{Health, PollSession};
+use crate::session::{AddressCounts, Health, PollSession};
 use crate::stats::{self, ClientKind, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::{Bpm, TickSchedule};
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
@@ -99,6 +99,10 @@ struct Encoded {
 const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
 const FD_BACKOFF: Duration = Duration::from_millis(250);
+/// Sockets sampled for a stall per housekeeping round, at most (about 0.3 ms of system calls).
+const STALL_SAMPLES_PER_ROUND: usize = 1024;
+/// How often, at most, the log says that the timing thread skipped ticks.
+const SKIP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or keep running.
 #[derive(Debug, Error)]
@@ -125,7 +129,34 @@ struct ClusterLink {
     status: ClusterStatus,
     /// The shared timeline last adopted.
     shared: Option<SharedTimeline>,
+    /// Control requests handed to the cluster thread and not yet answered.
+    pending: Vec<PendingAsk>,
+    next_id: u64,
 }
+
+/// A control request the cluster thread has yet to answer, and who asked.
+struct PendingAsk {
+    id: u64,
+    peer: Peer,
+    /// The asker's Socket.IO callback, if it passed one.
+    ack: Option<u64>,
+    /// A tempo change (else a transport change): what an `Unchanged` confirms.
+    tempo: bool,
+    asked: Instant,
+}
+
+/// How the loop handled a client's message.
+enum Handled {
+    /// Answered (or nothing to answer).
+    Done,
+    /// Handed to the cluster thread as request `id`; the answer follows.
+    Asked(u64),
+}
+
+/// Control requests waiting for the cluster thread at most (its ring holds 64).
+const MAX_PENDING_ASKS: usize = 64;
+/// How long a control request may wait for the cluster thread before it is refused.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     cfg: Config,
@@ -164,6 +195,8 @@ pub struct Server {
     /// Socket.IO long-polling sessions, and their ids.
     sessions: Slab<PollSession>,
     session_ids: HashMap<String, usize>,
+    /// Sessions per client address, against --max-sessions-per-ip.
+    session_addresses: AddressCounts,
     /// Engine.IO's ping packet, as a frame.
     eio_ping: SharedFrame,
     /// Events polled in the pauses of a fan-out.
@@ -183,6 +216,14 @@ pub struct Server {
     readable_again: Vec<usize>,
     /// Scratch list of connections to remove, reused to avoid allocating per tick.
     finished: Vec<usize>,
+    /// When the loop last took a tick from the timing thread: a transport that plays with no
+    /// tick for a while is a silent server (`/healthz`).
+    last_tick_at: Instant,
+    /// Counts housekeeping rounds, to spread stall sampling over them.
+    housekeeping_round: usize,
+    /// Ticks the timing thread skipped since the last log line about it, and when that was.
+    skips_unlogged: u64,
+    skip_logged_at: Option<Instant>,
 }
 
 impl Server {
@@ -226,7 +267,7 @@ impl Server {
             link.shared = joined;
             if joined.is_none() {
                 let ours = SharedTimeline::from_schedule(&schedule, &clock);
-                link.thread.send(ClusterRequest::Seed(ours));
+                link.thread.send(0, ClusterRequest::Seed(ours));
             }
         }
         Ok(Server {
@@ -247,6 +288,7 @@ impl Server {
             deferred: Vec::new(),
             sessions: Slab::new(),
             session_ids: HashMap::new(),
+            session_addresses: AddressCounts::default(),
             eio_ping: protocol::text_frame("2"),
             fanout_events: Some(Events::with_capacity(256)),
             driving: None,
@@ -268,6 +310,10 @@ impl Server {
             busy_poll_until: None,
             readable_again: Vec::new(),
             finished: Vec::new(),
+            last_tick_at: Instant::now(),
+            skips_unlogged: 0,
+            skip_logged_at: None,
+            housekeeping_round: 0,
         })
         .map(|mut server| {
             server.refresh_timeline();
@@ -433,6 +479,7 @@ impl Server {
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(conn.socket());
         count_close(&mut self.stats, &mut conn);
+        self.forget_asks(Peer::Conn(key), None);
         // A long-poll that gave up, or a WebSocket that probed and went away: the session
         // carries on without it.
         if let Some(skey) = conn.parked_for
@@ -494,6 +541,9 @@ impl Server {
                                 Rate::Allow => self.on_message(key, m),
                                 Rate::Refuse { warn } => {
                                     self.stats.client_errors += 1;
+                                    if matches!(m, Message::Ping(_)) {
+                                        conn.refuse_pong();
+                                    }
                                     if warn {
                                         let err =
                                             ClientError::RateLimited(self.cfg.max_messages_per_sec);
@@ -558,7 +608,7 @@ impl Server {
             },
             Route::SocketIo => return self.on_socketio_request(key, req, now),
             Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
-            Route::Healthz => match self.stats.degraded() {
+            Route::Healthz => match self.stats.degraded(self.silent_for(now)) {
                 None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
                 Some(why) => (
                     503,
@@ -594,15 +644,31 @@ impl Server {
                     b"405 Method Not Allowed: /socket.io/ takes GET, POST and OPTIONS\n",
                 ),
             ),
-            Route::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
+            Route::MethodNotAllowed if req.path == "/ws" => (
+                405,
+                http::response_with(
+                    405,
+                    "text/plain; charset=utf-8",
+                    &["Allow: GET"],
+                    b"405 Method Not Allowed: /ws takes a GET with a WebSocket upgrade\n",
+                ),
+            ),
+            Route::MethodNotAllowed => (405, http::text_error(405, "only GET and HEAD are served")),
         };
         let (status, bytes) = response;
         self.respond(key, &req, status, bytes, now);
     }
 
+    /// Sends a complete response and closes. Every response passes here, so a `HEAD` gets the
+    /// `GET`'s status and headers without its body whatever route answered it.
     fn respond(&mut self, key: usize, req: &Request, status: u16, bytes: Vec<u8>, now: Instant) {
         self.stats.count_http(status);
         debug!("http {} {} -> {status}", req.method, req.path);
+        let bytes = if req.is_head() {
+            http::without_body(bytes)
+        } else {
+            bytes
+        };
         if let Some(conn) = self.conns.get_mut(key) {
             conn.respond(bytes, now);
         }
@@ -689,10 +755,22 @@ impl Server {
             Ok(q) => q,
             Err(e) => return self.eio_refuse(key, &req, e, &cors, now),
         };
+        let Some(peer) = self.conns.get(key).map(|c| c.peer.ip()) else {
+            return;
+        };
+        let client = http::client_ip(&req, self.cfg.client_ip_header.as_deref(), peer);
+        // A session answers only its own client: to anyone else its id is unknown, so that
+        // an id that leaked (a log, a shared screen) is of no use from elsewhere.
         let session = match &query.sid {
             None => None,
             Some(sid) => match self.session_ids.get(sid) {
-                Some(&skey) => Some(skey),
+                Some(&skey) if self.sessions.get(skey).is_some_and(|s| s.client == client) => {
+                    Some(skey)
+                }
+                Some(_) => {
+                    debug!("socket.io session id presented from another address ({client})");
+                    return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now);
+                }
                 None => return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now),
             },
         };
@@ -710,7 +788,9 @@ impl Server {
                 Ok(accept) => self.socketio_upgrade(key, &req, &accept, session),
                 Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
             },
-            (EioTransport::Polling, None, "GET") => self.polling_handshake(key, &req, cors, now),
+            (EioTransport::Polling, None, "GET") => {
+                self.polling_handshake(key, &req, client, cors, now)
+            }
             (EioTransport::Polling, Some(skey), "GET") => self.poll(key, &req, skey, cors, now),
             (EioTransport::Polling, Some(skey), "POST") => self.post(key, &req, skey, cors, now),
             (_, None, _) => self.eio_refuse(key, &req, EioError::BadHandshakeMethod, &cors, now),
@@ -817,9 +897,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        // Counted as a client from its namespace connect (`40`) on, like a polling session.
         if let Some(open) = open {
-            self.stats.client_opened(ClientKind::SocketIoWs);
-            conn.counted = Some(ClientKind::SocketIoWs);
             conn.send(&open, self.cfg.max_queue);
         }
         debug!(
@@ -829,15 +908,35 @@ impl Server {
         );
     }
 
-    fn polling_handshake(&mut self, key: usize, req: &Request, cors: Vec<String>, now: Instant) {
+    /// Opens a long-polling session for `client`: within `--max-clients`,
+    /// `--max-polling-sessions` and, for that address, `--max-sessions-per-ip`. The session
+    /// counts as a client only once it connects to the namespace (`40`), and is closed if it
+    /// has not within `--handshake-timeout` (housekeeping).
+    fn polling_handshake(
+        &mut self,
+        key: usize,
+        req: &Request,
+        client: IpAddr,
+        cors: Vec<String>,
+        now: Instant,
+    ) {
+        let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
         if self.stats.clients >= self.cfg.max_clients
             || self.sessions.len() >= self.cfg.max_polling_sessions
         {
             self.stats.count_refused(RefuseReason::MaxClients);
-            let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
             let body = r#"{"code":3,"message":"Server full; try again later"}"#;
             let bytes = http::response_with(503, "application/json", &extra, body.as_bytes());
             return self.respond(key, req, 503, bytes, now);
+        }
+        if self.session_addresses.held(client) >= self.cfg.max_sessions_per_ip {
+            self.stats.count_refused(RefuseReason::SessionsPerIp);
+            let body = format!(
+                r#"{{"code":3,"message":"{} sessions from your address already; try again later"}}"#,
+                self.cfg.max_sessions_per_ip
+            );
+            let bytes = http::response_with(429, "application/json", &extra, body.as_bytes());
+            return self.respond(key, req, 429, bytes, now);
         }
         let sid = match engineio::new_sid() {
             Ok(sid) => sid,
@@ -849,10 +948,11 @@ impl Server {
         };
         let open = self.open_packet(&sid, &["websocket"]);
         let rate = RateLimit::new(self.cfg.max_messages_per_sec);
-        let session = PollSession::new(sid.clone(), self.may_control(req), rate, now);
+        let session = PollSession::new(sid.clone(), client, self.may_control(req), rate, now);
         let skey = self.sessions.insert(session);
         self.session_ids.insert(sid, skey);
-        self.stats.client_opened(ClientKind::SocketIoPolling);
+        self.session_addresses
+            .try_add(client, self.cfg.max_sessions_per_ip);
         let bytes = Self::poll_response(req.keep_alive, &cors, &open);
         self.respond_polling(key, req, bytes, now);
     }
@@ -1032,6 +1132,8 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
+        self.session_addresses.remove(session.client);
+        self.forget_asks(Peer::Session(skey), Some(Peer::Conn(key)));
         if let Some(ckey) = session.waiting.take()
             && let Some(conn) = self.conns.get_mut(ckey)
         {
@@ -1042,8 +1144,10 @@ impl Server {
             self.stats.messages_sent += conn.flush();
         }
         let Some(conn) = self.conns.get_mut(key) else {
-            self.stats
-                .client_closed(ClientKind::SocketIoPolling, CloseReason::ClientClosed);
+            if session.counted {
+                self.stats
+                    .client_closed(ClientKind::SocketIoPolling, CloseReason::ClientClosed);
+            }
             return;
         };
         if let Some(link) = conn.sio.as_mut() {
@@ -1053,9 +1157,12 @@ impl Server {
         }
         conn.may_control |= session.may_control;
         conn.rate = session.rate;
-        conn.counted = Some(ClientKind::SocketIoWs);
-        self.stats
-            .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        // A session that has not connected yet counts once it does, as this socket.
+        if session.counted {
+            conn.counted = Some(ClientKind::SocketIoWs);
+            self.stats
+                .client_moved(ClientKind::SocketIoPolling, ClientKind::SocketIoWs);
+        }
         // What the session had queued moves over whole; the queue limit applies from here on.
         for packet in session.take_all() {
             conn.send(&protocol::text_frame(&packet), usize::MAX);
@@ -1076,6 +1183,16 @@ impl Server {
         match packet {
             SioPacket::Connect { nsp, .. } if nsp != "/" => {
                 self.send_packet(peer, &engineio::connect_error(&nsp, "Invalid namespace"));
+            }
+            SioPacket::Connect { .. } if !self.count_client(peer) => {
+                // Full: the stock client reports connect_error; the session, never counted,
+                // is closed at the handshake timeout and the client may try again.
+                self.stats.count_refused(RefuseReason::MaxClients);
+                let message = format!(
+                    "server full: {} clients connected; try again later",
+                    self.stats.clients
+                );
+                self.send_packet(peer, &engineio::connect_error("/", &message));
             }
             SioPacket::Connect { auth, .. } => {
                 let token = auth
@@ -1118,27 +1235,44 @@ impl Server {
                 };
                 let result = protocol::decode_event(&name, data.as_ref())
                     .and_then(|m| self.on_client_message(peer, m, may_control, received_ns));
-                if let Err(err) = &result {
-                    self.stats.client_errors += 1;
-                    // A client that passed a callback hears through it; others by event.
-                    if ack.is_none() {
-                        self.reply(peer, &protocol::error(err));
-                    }
-                }
-                if let Some(id) = ack {
+                match result {
+                    // The callback waits for the cluster's answer (`on_answer`).
+                    Ok(Handled::Asked(id)) => self.await_answer(id, ack),
                     // The callback gets {ok:true} (the change itself arrives as bpmChange,
                     // transport, ...) or the error's {ok:false, code, message}.
-                    let arg = match result {
-                        Ok(()) => r#"{"ok":true}"#.to_string(),
-                        Err(err) => {
-                            let e = protocol::error(&err);
-                            format!(r#"{{"ok":false,"error":{}}}"#, e.data)
-                        }
-                    };
-                    self.send_packet(peer, &engineio::ack(id, &arg));
+                    Ok(Handled::Done) => self.conclude(peer, ack, Ok(())),
+                    Err(err) => self.conclude(peer, ack, Err(err)),
                 }
             }
             SioPacket::Ack => {}
+        }
+    }
+
+    /// Counts a Socket.IO client at its first namespace connect: true when it is (or already
+    /// was) counted, false when `--max-clients` are connected already.
+    fn count_client(&mut self, peer: Peer) -> bool {
+        let full = self.stats.clients >= self.cfg.max_clients;
+        match peer {
+            Peer::Conn(key) => match self.conns.get_mut(key) {
+                Some(conn) if conn.counted.is_some() => true,
+                Some(_) if full => false,
+                Some(conn) => {
+                    conn.counted = Some(ClientKind::SocketIoWs);
+                    self.stats.client_opened(ClientKind::SocketIoWs);
+                    true
+                }
+                None => false,
+            },
+            Peer::Session(skey) => match self.sessions.get_mut(skey) {
+                Some(session) if session.counted => true,
+                Some(_) if full => false,
+                Some(session) => {
+                    session.counted = true;
+                    self.stats.client_opened(ClientKind::SocketIoPolling);
+                    true
+                }
+                None => false,
+            },
         }
     }
 
@@ -1247,8 +1381,13 @@ impl Server {
             return;
         };
         self.session_ids.remove(&session.sid);
-        self.stats
-            .client_closed(ClientKind::SocketIoPolling, reason);
+        self.session_addresses.remove(session.client);
+        self.forget_asks(Peer::Session(skey), None);
+        // A session that never connected was never a client.
+        if session.counted {
+            self.stats
+                .client_closed(ClientKind::SocketIoPolling, reason);
+        }
         debug!("socket.io session closed reason={}", reason.label());
         let now = Instant::now();
         if let Some(ckey) = session.waiting
@@ -1293,11 +1432,12 @@ impl Server {
                 .and_then(|m| self.on_client_message(Peer::Conn(key), m, may_control, received_ns)),
             Message::Binary(_) => Err(ClientError::Binary),
             // tungstenite answers pings and handles the close handshake itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                Ok(Handled::Done)
+            }
         };
         if let Err(err) = result {
-            self.stats.client_errors += 1;
-            self.reply(Peer::Conn(key), &protocol::error(&err));
+            self.conclude(Peer::Conn(key), None, Err(err));
         }
     }
 
@@ -1307,7 +1447,7 @@ impl Server {
         message: ClientMessage,
         may_control: bool,
         received_ns: u64,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Handled, ClientError> {
         match message {
             ClientMessage::Ping(t0) => {
                 // Stamped as late as possible and written at once, not at the next writable
@@ -1319,7 +1459,7 @@ impl Server {
                 {
                     self.stats.messages_sent += conn.flush();
                 }
-                Ok(())
+                Ok(Handled::Done)
             }
             ClientMessage::SetBpm(_) | ClientMessage::Start(_) | ClientMessage::Stop
                 if !may_control =>
@@ -1334,16 +1474,16 @@ impl Server {
                 if state == self.transport.state() {
                     let confirm = protocol::transport(&self.transport_data());
                     self.reply(peer, &confirm);
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
-                self.ask_cluster(request)
+                self.ask_cluster(peer, request)
             }
-            ClientMessage::Start(quantize) => {
-                self.change_transport(peer, TransportState::Playing, quantize)
-            }
-            ClientMessage::Stop => {
-                self.change_transport(peer, TransportState::Stopped, Quantize::None)
-            }
+            ClientMessage::Start(quantize) => self
+                .change_transport(peer, TransportState::Playing, quantize)
+                .map(|()| Handled::Done),
+            ClientMessage::Stop => self
+                .change_transport(peer, TransportState::Stopped, Quantize::None)
+                .map(|()| Handled::Done),
             ClientMessage::SetBpm(value) => {
                 let bpm = protocol::check_bpm(value, self.cfg.min_bpm, self.cfg.max_bpm)?;
                 // In a cluster the shared timeline is the reference: a request lost with Redis
@@ -1356,10 +1496,10 @@ impl Server {
                     // Nothing changes for anyone else: confirm to the sender only, so one
                     // client cannot make the server write to every client at will.
                     self.reply(peer, &protocol::bpm_change(bpm));
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
                 if self.cluster.is_some() {
-                    return self.ask_cluster(ClusterRequest::SetBpm(bpm));
+                    return self.ask_cluster(peer, ClusterRequest::SetBpm(bpm));
                 }
                 // Every change is a write to every client; cap them server-wide.
                 if self.control_changes.check(Instant::now()) != Rate::Allow {
@@ -1369,24 +1509,141 @@ impl Server {
                     return Err(ClientError::Busy);
                 }
                 self.requested_bpm = bpm;
-                Ok(())
+                Ok(Handled::Done)
             }
         }
     }
 
     /// Hands a tempo or transport change to the cluster thread, which writes it to the shared
-    /// timeline; it comes back (here and on every other instance) as an `Adopt`.
-    fn ask_cluster(&mut self, request: ClusterRequest) -> Result<(), ClientError> {
+    /// timeline; it comes back (here and on every other instance) as an `Adopt`, and its
+    /// outcome as an `Answer` for `peer` ([`Self::on_answer`]).
+    fn ask_cluster(&mut self, peer: Peer, request: ClusterRequest) -> Result<Handled, ClientError> {
         let Some(link) = self.cluster.as_mut() else {
-            return Ok(());
+            return Ok(Handled::Done);
         };
         if !link.status.connected {
-            return Err(ClientError::ClusterUnavailable);
+            let fault = link.status.fault.unwrap_or(ClusterFault::Unreachable);
+            return Err(ClientError::ClusterUnavailable(fault.describe()));
         }
-        if self.control_changes.check(Instant::now()) != Rate::Allow || !link.thread.send(request) {
+        if link.pending.len() >= MAX_PENDING_ASKS
+            || self.control_changes.check(Instant::now()) != Rate::Allow
+        {
             return Err(ClientError::Busy);
         }
-        Ok(())
+        let id = link.next_id;
+        if !link.thread.send(id, request) {
+            return Err(ClientError::Busy);
+        }
+        link.next_id += 1;
+        link.pending.push(PendingAsk {
+            id,
+            peer,
+            ack: None,
+            tempo: matches!(request, ClusterRequest::SetBpm(_)),
+            asked: Instant::now(),
+        });
+        Ok(Handled::Asked(id))
+    }
+
+    /// The cluster thread's outcome for a request: the asker hears it (its Socket.IO callback,
+    /// or an `error` event), whatever became of it. Success needs no word to a `/ws` client:
+    /// the change reaches it like everyone else.
+    fn on_answer(&mut self, id: u64, outcome: Outcome) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(i) = link.pending.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let ask = link.pending.swap_remove(i);
+        let shared_bpm = link.shared.map(|s| s.bpm());
+        let result = match outcome {
+            Outcome::Applied => Ok(()),
+            Outcome::Unchanged => {
+                // Already so: confirm to the asker alone, as without a cluster.
+                let confirm = if ask.tempo {
+                    protocol::bpm_change(shared_bpm.unwrap_or(self.bpm))
+                } else {
+                    protocol::transport(&self.transport_data())
+                };
+                self.reply(ask.peer, &confirm);
+                Ok(())
+            }
+            Outcome::Failed(fault) => Err(ClientError::ClusterUnavailable(fault.describe())),
+            Outcome::Lost => Err(ClientError::Busy),
+        };
+        self.conclude(ask.peer, ask.ack, result);
+    }
+
+    /// Tells a client how its event ended: through its Socket.IO callback when it passed one
+    /// (`{ok:true}`, or `{ok:false, error:{code,message}}`), else an `error` event on failure.
+    fn conclude(&mut self, peer: Peer, ack: Option<u64>, result: Result<(), ClientError>) {
+        if let Err(err) = &result {
+            self.stats.client_errors += 1;
+            if ack.is_none() {
+                self.reply(peer, &protocol::error(err));
+            }
+        }
+        if let Some(id) = ack {
+            let arg = match result {
+                Ok(()) => r#"{"ok":true}"#.to_string(),
+                Err(err) => {
+                    let e = protocol::error(&err);
+                    format!(r#"{{"ok":false,"error":{}}}"#, e.data)
+                }
+            };
+            self.send_packet(peer, &engineio::ack(id, &arg));
+        }
+    }
+
+    /// Keeps a Socket.IO callback id for the answer to cluster request `id`.
+    fn await_answer(&mut self, id: u64, ack: Option<u64>) {
+        if let Some(ask) = self
+            .cluster
+            .as_mut()
+            .and_then(|l| l.pending.iter_mut().find(|p| p.id == id))
+        {
+            ask.ack = ack;
+        }
+    }
+
+    /// Forgets the requests of a client that is gone (its key may be reused at once), or moves
+    /// them to the socket that took its session over (`to`).
+    fn forget_asks(&mut self, peer: Peer, to: Option<Peer>) {
+        if let Some(link) = self.cluster.as_mut() {
+            match to {
+                None => link.pending.retain(|p| p.peer != peer),
+                Some(to) => link
+                    .pending
+                    .iter_mut()
+                    .filter(|p| p.peer == peer)
+                    .for_each(|p| p.peer = to),
+            }
+        }
+    }
+
+    /// Requests the cluster thread has not answered within [`ASK_TIMEOUT`] (it never should
+    /// take that long: Redis calls time out after 2 s) are refused rather than left hanging.
+    fn expire_asks(&mut self, now: Instant) {
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        if link
+            .pending
+            .iter()
+            .all(|p| now.duration_since(p.asked) < ASK_TIMEOUT)
+        {
+            return;
+        }
+        let (late, waiting): (Vec<PendingAsk>, Vec<PendingAsk>) = link
+            .pending
+            .drain(..)
+            .partition(|p| now.duration_since(p.asked) >= ASK_TIMEOUT);
+        link.pending = waiting;
+        for ask in late {
+            let err = ClientError::ClusterUnavailable("did not answer the request in time");
+            self.conclude(ask.peer, ask.ack, Err(err));
+        }
     }
 
     /// Takes what the cluster thread reports: status, and timelines to adopt.
@@ -1401,6 +1658,7 @@ impl Server {
             match event {
                 ClusterEvent::Status(status) => link.status = status,
                 ClusterEvent::Adopt(shared) => self.adopt(shared),
+                ClusterEvent::Answer { id, outcome } => self.on_answer(id, outcome),
             }
         }
     }
@@ -1551,6 +1809,11 @@ impl Server {
                 }
                 // Taken by `bind` before the loop runs; the thread sends it only once.
                 TimingEvent::Started(_) => {}
+                TimingEvent::Skipped { ticks, to } => self.on_skip(ticks, to),
+                TimingEvent::Exhausted => error!(
+                    "timing: the tick count reached its end (u64::MAX); no ticks until the \
+                     timeline changes"
+                ),
                 TimingEvent::Tempo(schedule) => {
                     let bpm = schedule.bpm();
                     // A cluster's change is announced a lead ahead; /stats and hello report
@@ -1572,6 +1835,27 @@ impl Server {
         }
     }
 
+    /// The timing thread fell behind and skipped ticks. Said once, then at most once per
+    /// [`SKIP_LOG_EVERY`] with the total since, so a machine that keeps stalling does not
+    /// flood the log.
+    fn on_skip(&mut self, ticks: u64, to: u64) {
+        self.next_count = self.next_count.max(to);
+        self.skips_unlogged += ticks;
+        let now = Instant::now();
+        if self
+            .skip_logged_at
+            .is_none_or(|at| now.duration_since(at) >= SKIP_LOG_EVERY)
+        {
+            warn!(
+                "timing: fell behind and skipped {} ticks rather than send them at once (next \
+                 is tick {to}); was the process stopped, or is the machine overloaded?",
+                self.skips_unlogged
+            );
+            self.skips_unlogged = 0;
+            self.skip_logged_at = Some(now);
+        }
+    }
+
     fn on_tick(&mut self, tick: Tick) {
         self.stats.record_tick(tick.lateness_ns());
         if tick.lateness_ns() > stats::LATE_TICK_NS {
@@ -1586,7 +1870,8 @@ impl Server {
             .handoff
             .record(taken.saturating_sub(tick.emitted_ns));
         self.count = tick.count;
-        self.next_count = tick.count + 1;
+        self.next_count = tick.count.saturating_add(1);
+        self.last_tick_at = Instant::now();
         self.bpm = tick.bpm;
         if self.shutdown_by.is_some() || !self.transport.plays(tick.count) {
             return;
@@ -1739,9 +2024,26 @@ impl Server {
     fn housekeeping(&mut self, now: Instant) {
         let timeout = self.cfg.handshake_timeout;
         let (interval, ping_timeout) = (self.cfg.ping_interval, self.cfg.ping_timeout);
+        // Sampling a socket for a stall costs a system call: with many clients each is sampled
+        // every few rounds (the watch measures time, not samples).
+        let stride = 1 + self.conns.len() / STALL_SAMPLES_PER_ROUND;
+        let round = self.housekeeping_round;
+        self.housekeeping_round = round.wrapping_add(1);
         for (key, conn) in self.conns.iter_mut() {
             if conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
+            }
+            if (key.wrapping_add(round)) % stride == 0 && conn.check_stall(now) {
+                debug!("stalled client peer={}: not reading", conn.peer);
+            }
+            if conn.sio_connect_overdue(now, timeout) {
+                self.stats.count_refused(RefuseReason::ConnectTimeout);
+                conn.close_ws(
+                    CloseCode::Policy,
+                    "no Socket.IO connect within the handshake timeout",
+                    CloseReason::ProtocolError,
+                    now,
+                );
             }
             if conn.sio.is_some() {
                 conn.eio_heartbeat(now, interval, ping_timeout, &self.eio_ping);
@@ -1757,7 +2059,12 @@ impl Server {
         self.remove_finished();
         let mut dead = Vec::new();
         let mut due = Vec::new();
+        let mut unconnected = Vec::new();
         for (skey, session) in self.sessions.iter_mut() {
+            if session.connect_overdue(now, timeout) {
+                unconnected.push(skey);
+                continue;
+            }
             match session.health(now, interval, ping_timeout) {
                 Health::Fine => {}
                 Health::Ping => due.push(skey),
@@ -1770,7 +2077,12 @@ impl Server {
         for skey in dead {
             self.close_session(skey, CloseReason::PingTimeout);
         }
+        for skey in unconnected {
+            self.stats.count_refused(RefuseReason::ConnectTimeout);
+            self.close_session(skey, CloseReason::PingTimeout);
+        }
         self.remove_finished();
+        self.expire_asks(now);
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
             self.accept();
@@ -1828,6 +2140,18 @@ impl Server {
         self.remove_finished();
     }
 
+    /// How long no tick has gone out while the transport plays, once that is longer than
+    /// [`stats::SILENT_TICKS`] intervals: a server that answers but sends nothing is not
+    /// healthy.
+    fn silent_for(&self, now: Instant) -> Option<Duration> {
+        let playing = self.transport.plays(self.next_count) && self.shutdown_by.is_none();
+        stats::silence(
+            now.saturating_duration_since(self.last_tick_at),
+            self.schedule.interval_ns(),
+            playing,
+        )
+    }
+
     fn snapshot(&self) -> Snapshot<'_> {
         Snapshot {
             bpm: self.bpm,
@@ -1838,6 +2162,8 @@ impl Server {
             transport_count: self.transport.from_count(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.dropped_ticks(),
+            skipped_ticks: self.timing.skipped_ticks(),
+            silent_for: self.silent_for(Instant::now()),
             cluster: self.cluster.as_ref().map(|l| l.status),
             stats: &self.stats,
         }
@@ -1862,6 +2188,12 @@ fn join_cluster(
         lead,
         start_lead: Duration::from_nanos(START_LEAD_NS),
         beats_per_bar: cfg.beats_per_bar,
+        limits: TimelineLimits {
+            min_bpm: cfg.min_bpm,
+            max_bpm: cfg.max_bpm,
+            ppqn: cfg.ppqn,
+            beats_per_bar: cfg.beats_per_bar,
+        },
     };
     let (thread, mut events) = ClusterThread::spawn(
         cluster_cfg,
@@ -1883,6 +2215,7 @@ fn join_cluster(
                 break;
             }
             Ok(ClusterEvent::Status(s)) => status = s,
+            Ok(ClusterEvent::Answer { .. }) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
@@ -1902,6 +2235,8 @@ fn join_cluster(
         events,
         status,
         shared: None,
+        pending: Vec::new(),
+        next_id: 1,
     };
     Ok((link, joined))
 }

@@ -1,12 +1,14 @@
 //! A Socket.IO client on HTTP long-polling: an Engine.IO session that outlives its requests.
 //!
 //! This module owns one session's state: the packets waiting for the next GET, which parked GET
-//! (if any) is waiting for them, the heartbeat, and the client's rights. It is pure bookkeeping
-//! over [`Instant`]s passed in; it touches no socket. The event loop keeps the sessions in a
-//! slab, answers the parked GET when [`PollSession::push`] says so, and drops sessions that
-//! [`PollSession::health`] calls dead.
+//! (if any) is waiting for them, the heartbeat, the client's rights and the address it belongs
+//! to; and the rules that keep one peer from filling the session table ([`AddressCounts`],
+//! [`PollSession::connect_overdue`]). It is pure bookkeeping over [`Instant`]s passed in; it
+//! touches no socket. The event loop keeps the sessions in a slab, answers the parked GET when
+//! [`PollSession::push`] says so, and drops sessions that [`PollSession::health`] calls dead.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,59 @@ pub struct PollSession {
     pub probed: bool,
     /// The CORS headers for the latest request's origin, for the responses to it.
     pub cors: Vec<String>,
+    /// The client's address: requests for this session from any other are refused, so a
+    /// session id that leaks (a log, a screen share) is no use elsewhere.
+    pub client: IpAddr,
+    created: Instant,
+    /// Counted as a client (against `--max-clients`), which it is from its first Socket.IO
+    /// connect (`40`) on; until then it is only a handshake.
+    pub counted: bool,
+}
+
+/// The key one peer's sessions are counted under: an IPv4 address (also when mapped into
+/// IPv6), or an IPv6 /64, the block one subscriber gets; counting single IPv6 addresses would
+/// let one host take as many as it has addresses to choose from.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+            )),
+        },
+        v4 => v4,
+    }
+}
+
+/// Sessions held per address ([`address_key`]), against `--max-sessions-per-ip`.
+#[derive(Debug, Default)]
+pub struct AddressCounts(HashMap<IpAddr, usize>);
+
+impl AddressCounts {
+    /// Takes one place for `client`; false when it already holds `limit`.
+    pub fn try_add(&mut self, client: IpAddr, limit: usize) -> bool {
+        let held = self.0.entry(address_key(client)).or_insert(0);
+        if *held >= limit {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives back one place of `client`'s.
+    pub fn remove(&mut self, client: IpAddr) {
+        let key = address_key(client);
+        if let Some(held) = self.0.get_mut(&key) {
+            *held -= 1;
+            if *held == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    pub fn held(&self, client: IpAddr) -> usize {
+        self.0.get(&address_key(client)).copied().unwrap_or(0)
+    }
 }
 
 /// What the heartbeat asks of the loop.
@@ -50,8 +105,17 @@ pub enum Health {
 }
 
 impl PollSession {
-    pub fn new(sid: String, may_control: bool, rate: RateLimit, now: Instant) -> PollSession {
+    pub fn new(
+        sid: String,
+        client: IpAddr,
+        may_control: bool,
+        rate: RateLimit,
+        now: Instant,
+    ) -> PollSession {
         PollSession {
+            client,
+            created: now,
+            counted: false,
             sid,
             queue: VecDeque::new(),
             waiting: None,
@@ -112,6 +176,13 @@ impl PollSession {
         self.ping_sent = None;
     }
 
+    /// A session that has not connected to the namespace (`40`) within `timeout` of its
+    /// handshake is a handshake left hanging, not a client: one peer could otherwise hold a
+    /// table full of them with a pong every few seconds.
+    pub fn connect_overdue(&self, now: Instant, timeout: Duration) -> bool {
+        !self.counted && now.duration_since(self.created) >= timeout
+    }
+
     /// The heartbeat: a ping every `interval`; dead when a ping goes unanswered for
     /// `timeout`, or when the client has made no request for `interval + timeout` (a stock
     /// client always has a GET outstanding, so that only happens once it is gone).
@@ -138,7 +209,42 @@ mod tests {
     use super::*;
 
     fn session(now: Instant) -> PollSession {
-        PollSession::new("s".into(), false, RateLimit::new(20), now)
+        let client = IpAddr::from([127, 0, 0, 1]);
+        PollSession::new("s".into(), client, false, RateLimit::new(20), now)
+    }
+
+    #[test]
+    fn a_session_that_never_connects_is_overdue_after_the_handshake_timeout() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut s = session(t0);
+        assert!(!s.connect_overdue(t0 + Duration::from_secs(9), timeout));
+        assert!(s.connect_overdue(t0 + timeout, timeout));
+        s.counted = true;
+        assert!(!s.connect_overdue(t0 + timeout * 100, timeout));
+    }
+
+    #[test]
+    fn addresses_are_counted_per_ipv4_or_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut counts = AddressCounts::default();
+        assert!(counts.try_add(ip("192.0.2.1"), 2));
+        assert!(
+            counts.try_add(ip("::ffff:192.0.2.1"), 2),
+            "mapped: the same host"
+        );
+        assert!(!counts.try_add(ip("192.0.2.1"), 2));
+        assert!(counts.try_add(ip("192.0.2.2"), 2), "another host");
+        assert!(counts.try_add(ip("2001:db8:1:2::1"), 2));
+        assert!(counts.try_add(ip("2001:db8:1:2:ffff::9"), 2));
+        assert!(!counts.try_add(ip("2001:db8:1:2:abcd::1"), 2), "same /64");
+        assert!(counts.try_add(ip("2001:db8:1:3::1"), 2), "next /64");
+        counts.remove(ip("192.0.2.1"));
+        assert_eq!(counts.held(ip("192.0.2.1")), 1);
+        assert!(counts.try_add(ip("192.0.2.1"), 2));
+        counts.remove(ip("192.0.2.2"));
+        assert_eq!(counts.held(ip("192.0.2.2")), 0);
+        assert_eq!(counts.0.len(), 3, "empty entries are dropped");
     }
 
     #[test]

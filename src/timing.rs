@@ -8,6 +8,12 @@
 //! Sleeping happens in two stages. Far from the deadline the thread parks (interruptibly, so a
 //! tempo change is seen at once); within [`COARSE_MARGIN`] of it, `spin_sleep` sleeps natively
 //! and spins only the last stretch ([`Realtime::spin`]).
+//!
+//! A thread that wakes to find itself [`SKIP_BEHIND`] or more ticks and [`SKIP_LATE_NS`] behind
+//! (the process was stopped, the machine paused) does not fire the missed ticks back to back:
+//! it skips to the present ([`catch_up`]), counts them as dropped and tells the loop once, through the event
+//! ring, which logs it. Counts never wrap: a count that cannot advance stops the ticks rather
+//! than starting again at 0, where every deadline lies in the past.
 
 use std::io;
 use std::sync::Arc;
@@ -31,6 +37,13 @@ const EVENT_RING: usize = 1024;
 const COMMAND_RING: usize = 64;
 /// The timing thread needs little stack; a small one keeps RSS down.
 const STACK_BYTES: usize = 64 * 1024;
+/// Overdue ticks from which the thread skips to the present instead of catching up. Fewer are
+/// sent late: one or two ticks behind is the ordinary cost of a scheduling hiccup.
+pub const SKIP_BEHIND: u64 = 3;
+/// How late the oldest overdue tick must be, too, before anything is skipped: at fast tick
+/// rates a few milliseconds' hiccup is several ticks, better sent a little late (each carries
+/// its own time) than dropped. So a catch-up burst never spans more than this.
+pub const SKIP_LATE_NS: u64 = 50_000_000;
 
 /// One tick, as the timing thread emitted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +77,27 @@ pub enum TimingEvent {
     Started(TickSchedule),
     /// A tempo change took effect: the new schedule's anchor is the first tick at its tempo.
     Tempo(TickSchedule),
+    /// The thread fell [`SKIP_BEHIND`] or more ticks behind and skipped `ticks` ticks: the
+    /// next one emitted is `to`, on time.
+    Skipped {
+        ticks: u64,
+        to: u64,
+    },
+    /// The count reached `u64::MAX` and cannot advance: no ticks until a new timeline comes.
+    Exhausted,
+}
+
+/// What to do about ticks whose deadlines have passed: `None` to emit `next` (late, or on
+/// time), or the count to skip to when [`SKIP_BEHIND`] or more are overdue at `now`, the
+/// oldest by [`SKIP_LATE_NS`] or more. That count is the first one not yet due, so the
+/// skipped ticks are never emitted back to back to make up for lost time. Pure, so the rule
+/// is tested without a thread or a clock.
+pub fn catch_up(schedule: &TickSchedule, next: u64, now_ns: u64) -> Option<u64> {
+    let late = now_ns.saturating_sub(schedule.deadline_ns(next));
+    // Ticks `next..first_future` are due (deadline at or before now).
+    let first_future = schedule.first_count_at_or_after(now_ns.saturating_add(1));
+    let overdue = first_future.saturating_sub(next);
+    (overdue >= SKIP_BEHIND && late >= SKIP_LATE_NS).then_some(first_future)
 }
 
 /// What the event loop asks of the timing thread.
@@ -96,6 +130,8 @@ pub struct TimingThread {
     handle: JoinHandle<()>,
     /// Ticks the thread could not hand over because the ring was full (the loop was stalled).
     dropped: Arc<AtomicU64>,
+    /// Ticks skipped because the thread itself fell behind (see [`catch_up`]).
+    skipped: Arc<AtomicU64>,
 }
 
 /// The receiving end the event loop polls.
@@ -116,6 +152,7 @@ impl TimingThread {
         let (commands, command_rx) = RingBuffer::new(COMMAND_RING);
         let (events_tx, events) = RingBuffer::new(EVENT_RING);
         let dropped = Arc::new(AtomicU64::new(0));
+        let skipped = Arc::new(AtomicU64::new(0));
         // Re-anchored once the thread is running with its priority set (see below).
         let schedule = TickSchedule::new(bpm, ppqn, 0);
         let ticker = Ticker {
@@ -125,7 +162,9 @@ impl TimingThread {
             events: events_tx,
             waker,
             dropped: Arc::clone(&dropped),
+            skipped: Arc::clone(&skipped),
             next: 0,
+            exhausted: false,
             pending: None,
             last_deadline: None,
             prewake_ns: u64::try_from(realtime.prewake.as_nanos()).unwrap_or(0),
@@ -160,6 +199,7 @@ impl TimingThread {
                 commands,
                 handle,
                 dropped,
+                skipped,
             },
             events,
         ))
@@ -173,8 +213,14 @@ impl TimingThread {
         sent
     }
 
+    /// Ticks no client got: the ring was full, or the thread skipped them.
     pub fn dropped_ticks(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed) + self.skipped_ticks()
+    }
+
+    /// Of those, the ticks skipped because the thread fell behind.
+    pub fn skipped_ticks(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     /// Stops the thread and waits for it.
@@ -230,8 +276,11 @@ struct Ticker {
     events: Producer<TimingEvent>,
     waker: Arc<Waker>,
     dropped: Arc<AtomicU64>,
+    skipped: Arc<AtomicU64>,
     /// The count of the next tick to emit.
     next: u64,
+    /// `next` is `u64::MAX` and was emitted: nothing more until a command moves it.
+    exhausted: bool,
     /// An adopted schedule whose anchor is still ahead: it takes over at its anchor count.
     pending: Option<TickSchedule>,
     /// The deadline of the last tick emitted: where a tempo change re-anchors.
@@ -248,6 +297,11 @@ impl Ticker {
             if !self.apply_commands() {
                 return;
             }
+            if self.exhausted {
+                // Only a command can move the count; wait for one (interruptibly).
+                thread::park_timeout(Duration::from_secs(1));
+                continue;
+            }
             // Never spin more than a quarter of the interval: at fast tick rates the thread
             // would otherwise spin all the time.
             let spin_ns =
@@ -261,7 +315,17 @@ impl Ticker {
             }
             let deadline = self.schedule.deadline_ns(self.next);
             let now = self.clock.now_ns();
-            if deadline > now + coarse_ns {
+            if deadline <= now
+                && let Some(to) = catch_up(&self.schedule, self.next, now)
+            {
+                // Behind by several ticks: skip them rather than fire them all at once.
+                let ticks = to - self.next;
+                self.skipped.fetch_add(ticks, Ordering::Relaxed);
+                self.next = to;
+                self.emit(TimingEvent::Skipped { ticks, to });
+                continue;
+            }
+            if deadline > now.saturating_add(coarse_ns) {
                 // Interruptible: the loop unparks us when it queues a command.
                 thread::park_timeout(Duration::from_nanos(deadline - now - coarse_ns));
                 continue;
@@ -296,7 +360,13 @@ impl Ticker {
             };
             self.emit(TimingEvent::Tick(tick));
             self.last_deadline = Some(deadline);
-            self.next += 1;
+            match self.next.checked_add(1) {
+                Some(next) => self.next = next,
+                None => {
+                    self.exhausted = true;
+                    self.emit(TimingEvent::Exhausted);
+                }
+            }
         }
     }
 
@@ -328,6 +398,7 @@ impl Ticker {
                         } else {
                             present
                         };
+                        self.exhausted = false;
                     }
                     self.emit(TimingEvent::Tempo(schedule));
                 }
@@ -360,6 +431,107 @@ impl Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_tick_or_two_late_is_sent_and_more_are_skipped_to_the_present() {
+        // 120 BPM, ppqn 4: a tick every 125 ms from 0.
+        let s = TickSchedule::new(Bpm::whole(120), 4, 0);
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(10) - 1), None, "not yet due");
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(10)), None, "due now");
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(11) + 5), None, "two overdue");
+        // Three overdue (10, 11, 12): skip to 13, the first not yet due.
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(12)), Some(13));
+        // A second-long stall.
+        assert_eq!(
+            catch_up(&s, 10, s.deadline_ns(10) + 1_000_000_000),
+            Some(19)
+        );
+        // At MIDI-clock rates (200 BPM, ppqn 96: 3.125 ms apart) a 20 ms hiccup is six ticks,
+        // sent late; a 60 ms one is skipped.
+        let fast = TickSchedule::new(Bpm::whole(200), 96, 0);
+        assert_eq!(catch_up(&fast, 10, fast.deadline_ns(10) + 20_000_000), None);
+        assert_eq!(
+            catch_up(&fast, 10, fast.deadline_ns(10) + 60_000_000),
+            Some(30)
+        );
+    }
+
+    proptest! {
+        /// Whenever it skips, it skips at least SKIP_BEHIND ticks, to a tick not yet due whose
+        /// predecessor is; whenever it does not, fewer than SKIP_BEHIND are due or the oldest
+        /// is less than SKIP_LATE_NS late.
+        #[test]
+        fn catch_up_skips_exactly_the_overdue_ticks(
+            milli in 1_000u32..=1_000_000,
+            ppqn in 1u32..=960,
+            next in 0u64..1_000_000,
+            late in 0u64..10_000_000_000,
+        ) {
+            let s = TickSchedule::new(Bpm::from_milli(milli), ppqn, 1_000);
+            let now = s.deadline_ns(next) + late;
+            match catch_up(&s, next, now) {
+                Some(to) => {
+                    prop_assert!(to >= next + SKIP_BEHIND);
+                    prop_assert!(s.deadline_ns(to) > now);
+                    prop_assert!(s.deadline_ns(to - 1) <= now);
+                }
+                None => prop_assert!(
+                    s.deadline_ns(next + SKIP_BEHIND - 1) > now || late < SKIP_LATE_NS
+                ),
+            }
+        }
+    }
+
+    /// Drains what the thread has sent for `span`: its tick counts, and whether it said the
+    /// count was exhausted.
+    fn run_for(timeline: TickSchedule, span: Duration) -> (Vec<u64>, bool) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let realtime = Realtime {
+            fifo_priority: 0,
+            prewake: Duration::ZERO,
+            spin: Duration::ZERO,
+        };
+        let (thread, mut events) = TimingThread::spawn(
+            timeline.bpm(),
+            timeline.ppqn(),
+            Clock::start(),
+            waker,
+            realtime,
+            Some(timeline),
+        )
+        .unwrap();
+        let until = std::time::Instant::now() + span;
+        let (mut counts, mut exhausted) = (Vec::new(), false);
+        while std::time::Instant::now() < until {
+            match events.pop() {
+                Ok(TimingEvent::Tick(t)) => counts.push(t.count),
+                Ok(TimingEvent::Exhausted) => exhausted = true,
+                Ok(_) => {}
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        thread.stop();
+        (counts, exhausted)
+    }
+
+    /// The runaway an outside attacker found: a count near u64::MAX wrapped to 0, where every
+    /// deadline lies in the past, and the thread ticked as fast as the CPU allowed.
+    #[test]
+    fn a_count_at_the_end_of_u64_stops_instead_of_wrapping() {
+        // 1000 BPM at ppqn 96: 0.625 ms apart, so the end comes within a few milliseconds.
+        let s = TickSchedule::anchored(Bpm::whole(1000), 96, u64::MAX - 3, 0);
+        let (counts, exhausted) = run_for(s, Duration::from_millis(300));
+        assert!(exhausted, "no Exhausted event; counts {counts:?}");
+        assert!(
+            counts.len() <= 4,
+            "{} ticks: {:?}…",
+            counts.len(),
+            &counts[..8.min(counts.len())]
+        );
+        assert_eq!(counts.last(), Some(&u64::MAX));
+    }
 
     #[test]
     fn grids_agree_only_on_the_same_count_at_the_same_instant() {
