@@ -27,6 +27,8 @@
 //!   the loop measures and reports.
 //! * [`cluster`] exists only with `--cluster`: a thread that shares the timeline with other
 //!   instances through Redis and hands the loop timelines to adopt.
+//! * [`page_worker`] is a thread for the HTTP answers too slow for the loop: `--www` files
+//!   ([`www`]) and QR codes ([`join`], which also finds the LAN addresses phones join at).
 
 pub mod assets;
 pub mod clock;
@@ -35,6 +37,8 @@ pub mod config;
 pub mod connection;
 pub mod engineio;
 pub mod http;
+pub mod join;
+pub mod page_worker;
 pub mod protocol;
 pub mod rt;
 pub mod server;
@@ -43,3 +47,4 @@ pub mod stats;
 pub mod tempo;
 pub mod timing;
 pub mod transport;
+pub mod www;
