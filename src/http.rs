@@ -168,6 +168,10 @@ pub enum Route {
     Healthz,
     Stats,
     Metrics,
+    /// `/join`: the LAN URLs of the pages, for the join panel.
+    Join,
+    /// `/qr.svg?text=...`: a QR code, made by the page worker.
+    Qr,
     WebSocket,
     /// Engine.IO / Socket.IO, both transports (GET, POST, and OPTIONS for CORS preflight).
     SocketIo,
@@ -191,6 +195,8 @@ pub fn route(method: &str, path: &str) -> Route {
         "/healthz" => Route::Healthz,
         "/stats" => Route::Stats,
         "/metrics" => Route::Metrics,
+        "/join" => Route::Join,
+        "/qr.svg" => Route::Qr,
         "/ws" => Route::WebSocket,
         _ => assets::find(path).map_or(Route::NotFound, Route::Asset),
     }
