@@ -271,7 +271,15 @@ impl Server {
         }
         let state = match (&cfg.state_file, startup.may_write) {
             (Some(path), true) => match StateWriter::start(path.clone(), first_state, clock) {
-                Ok(writer) => Some(writer),
+                Ok(writer) => {
+                    if startup.fresh {
+                        info!(
+                            "state: no {} yet; starting afresh, saving there",
+                            path.display()
+                        );
+                    }
+                    Some(writer)
+                }
                 Err(e) => {
                     warn!("state: {e}; running without saving the state");
                     None

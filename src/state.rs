@@ -386,7 +386,15 @@ pub fn load(path: &Path, limits: Limits, now_unix_ns: u64) -> Loaded {
     };
     let error = match read() {
         Ok(state) => return Loaded::Resumed(state),
-        Err(StateError::Read(e)) if e.kind() == io::ErrorKind::NotFound => return Loaded::Fresh,
+        // Nothing there (also when a "directory" on the way is a file): nothing to keep aside.
+        Err(StateError::Read(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Loaded::Fresh;
+        }
         Err(e) => e,
     };
     let aside = bad_path(path);
@@ -420,6 +428,8 @@ pub struct Startup {
     pub resume: Option<Resume>,
     /// False when a bad file could not be moved aside: writing would destroy the only copy.
     pub may_write: bool,
+    /// There was no file: a first start (said once the file could be written).
+    pub fresh: bool,
 }
 
 impl Startup {
@@ -428,6 +438,7 @@ impl Startup {
         Startup {
             resume: None,
             may_write: false,
+            fresh: false,
         }
     }
 }
@@ -441,16 +452,17 @@ pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
     let saved = match load(path, limits, now_unix_ns) {
         Loaded::Resumed(saved) => saved,
         Loaded::Fresh => {
-            info!("state: no {} yet; starting afresh", path.display());
             return Startup {
                 resume: None,
                 may_write: true,
+                fresh: true,
             };
         }
         Loaded::KeptAside { .. } => {
             return Startup {
                 resume: None,
                 may_write: true,
+                fresh: false,
             };
         }
         Loaded::Untouchable { .. } => return Startup::off(),
@@ -493,6 +505,7 @@ pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
     Startup {
         resume: Some(r),
         may_write: true,
+        fresh: false,
     }
 }
 

@@ -754,3 +754,77 @@ fn an_instance_started_while_redis_is_down_joins_when_it_answers() {
         );
     }
 }
+
+/// A state file holding `bpm`, anchored ten seconds ago, as a stopped server left it.
+fn state_file(path: &std::path::Path, bpm_milli: u32) {
+    use conductor::cluster::SharedTimeline;
+    use conductor::state::{Persisted, encode, write_atomically};
+    let ago = unix_us_now() * 1000 - 10_000_000_000;
+    let saved = Persisted {
+        timeline: SharedTimeline {
+            version: 1,
+            anchor_count: 0,
+            anchor_unix_ns: ago,
+            bpm_milli,
+            ppqn: 4,
+            playing_before: true,
+            playing: false,
+            transport_count: 0,
+            transport_unix_ns: ago,
+        },
+        beats_per_bar: 4,
+    };
+    write_atomically(path, &encode(&saved, unix_us_now() * 1000)).expect("write state file");
+}
+
+#[test]
+fn the_shared_timeline_wins_over_a_state_file_and_an_empty_redis_gets_the_saved_one() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let dir = std::env::temp_dir().join(format!("conductor-cluster-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    let url = redis.url();
+
+    // Redis has nothing: the first instance seeds it with its saved timeline (90, stopped).
+    state_file(&path, 90_000);
+    let args = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        path.to_str().unwrap(),
+    ];
+    let a = Server::start(&args);
+    let (_, hello) = Watch::new(&a);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    assert_eq!(hello["data"]["playing"], false, "{hello}");
+
+    // A second instance whose own file says 150 joins the shared 90 instead, and its file
+    // follows the shared timeline.
+    let other = dir.join("other.json");
+    state_file(&other, 150_000);
+    let args_b = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        other.to_str().unwrap(),
+    ];
+    let b = Server::start(&args_b);
+    let (_, hello) = Watch::new(&b);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&other).unwrap_or_default();
+        if text.contains("\"bpm\": 90.0") {
+            break;
+        }
+        assert!(Instant::now() < until, "the file never followed: {text}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
