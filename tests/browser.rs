@@ -3,19 +3,25 @@
 //! checks both pages for console errors, live ticks, the `#bpm` control against `/stats`, tap
 //! tempo, start/stop, the library's clock offset on loopback, two drum machines scheduling the
 //! same step for the same instant, and the token form against a second server that wants a
-//! control token; it takes screenshots into the target directory (`UPDATE_SCREENSHOTS=1`: into
-//! `tests/browser/screenshots/`, the committed ones).
+//! control token. It checks the control page's fixed defects (a 3-decimal tempo at 390 px, an
+//! error that moves nothing, the box after a refused tempo, T after the slider, Start/Stop
+//! showing which is active, a killed server shown as lost), the join panel (its LAN URL, and
+//! the QR code decoded back with jsQR), the docs' example page served with `--www`, and a page
+//! of another origin importing `/conductor.js`. It takes screenshots into the target directory
+//! (`UPDATE_SCREENSHOTS=1`: into `tests/browser/screenshots/`, the committed ones).
 //!
 //! Without `/usr/bin/chromium` (or `$CHROMIUM`) or `node`, the test fails when `CI` is set and
 //! is skipped, loudly, otherwise. `.ci/run` installs both.
 
 mod common;
+mod spawned;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use common::Server;
+use spawned::{Spawned, TempDir};
 
 fn missing(what: &str) -> bool {
     if std::env::var_os("CI").is_some() {
@@ -42,7 +48,8 @@ fn pages_work_in_headless_chromium() {
         return;
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
+    if !dir.join("node_modules/playwright-core").exists() || !dir.join("node_modules/jsqr").exists()
+    {
         let status = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--prefix"])
             .arg(&dir)
@@ -51,8 +58,23 @@ fn pages_work_in_headless_chromium() {
         assert!(status.success(), "npm ci --prefix tests/browser failed");
     }
 
-    let server = Server::start(&[]);
+    // The first server also serves the docs' example pages (--www).
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/examples");
+    let examples = examples.to_str().expect("UTF-8 path");
+    let server = Server::start(&["--www", examples]);
     let guarded = Server::start(&["--control-token", "browser-test-token"]);
+    // Another origin, on every interface: the join panel's LAN URL and QR code, and a page
+    // importing the first server's /conductor.js. (Only ever reached on 127.0.0.1.)
+    let logs = TempDir::new("browser");
+    let other = Spawned::start(
+        &[
+            "--port", "0", "--bind", "0.0.0.0", "--state", "none", "--www", examples,
+        ],
+        &[],
+        &logs.0,
+    );
+    // A server the browser script kills, to see the control page show it.
+    let doomed = Server::start(&[]);
     let started = Instant::now();
     // A test run leaves the committed screenshots alone; UPDATE_SCREENSHOTS=1 refreshes them.
     let shots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
@@ -67,6 +89,9 @@ fn pages_work_in_headless_chromium() {
         .arg(format!("http://127.0.0.1:{}", guarded.port))
         .arg("browser-test-token")
         .env("CHROMIUM", &chromium)
+        .env("OTHER_BASE", format!("http://127.0.0.1:{}", other.port))
+        .env("DOOMED_BASE", format!("http://127.0.0.1:{}", doomed.port))
+        .env("DOOMED_PID", doomed.pid().to_string())
         .output()
         .expect("run node tests/browser/run.mjs");
     let stdout = String::from_utf8_lossy(&out.stdout);
