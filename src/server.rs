@@ -230,6 +230,14 @@ impl Server {
             cfg.beats_per_bar = resume.beats_per_bar;
         }
         let resumed = startup.resume.map(|r| r.timeline);
+        if let Some(dir) = &cfg.www {
+            for hidden in www::shadowed(dir) {
+                warn!(
+                    "www: {} is never served: the embedded page of that name wins; rename it",
+                    hidden.display()
+                );
+            }
+        }
         let pages =
             PageWorker::spawn(cfg.www.clone(), Arc::clone(&waker)).map_err(ServerError::Pages)?;
         let realtime = Realtime {

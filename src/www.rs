@@ -216,6 +216,16 @@ pub fn cors_headers(origin: Option<&str>, allowed: &[String]) -> Vec<String> {
     lines
 }
 
+/// Files at the top of DIR that the embedded pages hide (`index.html`, `conductor.js`, ...),
+/// so that the operator hears why such a file is never served.
+pub fn shadowed(root: &Path) -> Vec<PathBuf> {
+    ["index.html", "drums.html", "conductor.js", "base.css"]
+        .iter()
+        .map(|name| root.join(name))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 /// What a path in DIR gave.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Found {
@@ -561,6 +571,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn files_that_the_embedded_pages_hide_are_named() {
+        let t = Tree::new("shadow");
+        let root = t.0.join("site");
+        assert!(shadowed(&root).is_empty());
+        fs::write(root.join("conductor.js"), "old copy").unwrap();
+        assert_eq!(shadowed(&root), [root.join("conductor.js")]);
     }
 
     #[test]

@@ -88,10 +88,13 @@ fn www_serves_files_with_their_types_and_directories_by_their_index() {
     let (status, head, _) = s.get("/songs", &[]);
     assert_eq!(status, 301, "{head}");
     assert_eq!(header(&head, "location"), Some("/songs/"));
-    // The embedded pages win.
+    // The embedded pages win, and the server said so at start.
     let (status, _, body) = s.get("/conductor.js", &[]);
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("export class Conductor"));
+    let hidden = s.log_lines("is never served");
+    assert_eq!(hidden.len(), 1, "{}", s.log());
+    assert!(hidden[0].contains("conductor.js"), "{hidden:?}");
     // And the server's endpoints.
     assert_eq!(s.get("/healthz", &[]).0, 200);
     // Unchanged since: 304 without a body.
