@@ -1649,17 +1649,25 @@ impl Server {
     }
 
     fn transport_data(&self) -> TransportData {
+        TransportData::new(
+            self.transport.state(),
+            self.transport.from_count(),
+            self.transport_instant(),
+        )
+    }
+
+    /// When the transport's current state begins (or began), unix ns.
+    fn transport_instant(&self) -> u64 {
         let from = self.transport.from_count();
         // The current schedule knows counts from its anchor on; an older state began under an
         // older schedule, whose instant was kept. A cluster's timeline carries its own.
-        let unix_ns = match self.cluster.as_ref().and_then(|l| l.shared) {
+        match self.cluster.as_ref().and_then(|l| l.shared) {
             Some(shared) => shared.transport_unix_ns,
             None if from >= self.schedule.anchor_count() => {
                 self.clock.unix_ns(self.schedule.deadline_ns(from))
             }
             None => self.transport_unix_ns,
-        };
-        TransportData::new(self.transport.state(), from, unix_ns)
+        }
     }
 
     /// Rebuilds the cached `timeline` after a tempo or transport change.
@@ -1674,7 +1682,7 @@ impl Server {
         if self.state.is_none() {
             return;
         }
-        let transport_unix_ns = self.transport_data().time_us * 1_000;
+        let transport_unix_ns = self.transport_instant();
         let state = Persisted::of(
             &self.schedule,
             &self.transport,
