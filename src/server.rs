@@ -229,7 +229,7 @@ impl Server {
             cfg.bpm = resume.timeline.bpm();
             cfg.beats_per_bar = resume.beats_per_bar;
         }
-        let resumed = startup.resume.map(|r| r.timeline);
+        let resumed = startup.resume.as_ref().map(|r| r.timeline);
         if let Some(dir) = &cfg.www {
             for hidden in www::shadowed(dir) {
                 warn!(
@@ -278,21 +278,23 @@ impl Server {
             }
         }
         let state = match (&cfg.state_file, startup.may_write) {
-            (Some(path), true) => match StateWriter::start(path.clone(), first_state, clock) {
-                Ok(writer) => {
-                    if startup.fresh {
-                        info!(
-                            "state: no {} yet; starting afresh, saving there",
-                            path.display()
-                        );
+            (Some(path), true) => {
+                match StateWriter::start(path.clone(), first_state, clock, startup.lock) {
+                    Ok(writer) => {
+                        if startup.fresh {
+                            info!(
+                                "state: no {} yet; starting afresh, saving there",
+                                path.display()
+                            );
+                        }
+                        Some(writer)
                     }
-                    Some(writer)
+                    Err(e) => {
+                        warn!("state: {e}; running without saving the state");
+                        None
+                    }
                 }
-                Err(e) => {
-                    warn!("state: {e}; running without saving the state");
-                    None
-                }
-            },
+            }
             _ => None,
         };
         Ok(Server {

@@ -421,30 +421,86 @@ pub fn load(path: &Path, limits: Limits, now_unix_ns: u64) -> Loaded {
     }
 }
 
+/// An exclusive lock on `FILE.lock`, held for as long as this server uses `FILE`: two servers
+/// started with the same file (two in one working directory, with the default) would
+/// otherwise overwrite each other's state and resume each other's tempo.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+enum Locking {
+    Held(StateLock),
+    /// Another process holds it.
+    Busy,
+    /// No lock file could be made (a read-only or missing directory): the file can be read but
+    /// not written, which starting the writer will find out and say.
+    Unavailable,
+}
+
+fn lock(path: &Path) -> Locking {
+    use std::os::fd::AsRawFd;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let Ok(file) = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(PathBuf::from(name))
+    else {
+        return Locking::Unavailable;
+    };
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Locking::Held(StateLock { _file: file })
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Locking::Busy
+    } else {
+        Locking::Unavailable
+    }
+}
+
 /// What the state file gives a starting server.
 #[derive(Debug)]
 pub struct Startup {
     /// The timeline to resume, when the file had a usable one.
     pub resume: Option<Resume>,
-    /// False when a bad file could not be moved aside: writing would destroy the only copy.
+    /// False when a bad file could not be moved aside (writing would destroy the only copy),
+    /// or when another server uses the file.
     pub may_write: bool,
     /// There was no file: a first start (said once the file could be written).
     pub fresh: bool,
+    /// Held while the file is this server's.
+    pub lock: Option<StateLock>,
 }
 
 impl Startup {
-    /// `--state none`.
+    /// `--state none`, or a file this server must leave alone.
     pub fn off() -> Startup {
         Startup {
             resume: None,
             may_write: false,
             fresh: false,
+            lock: None,
         }
     }
 }
 
 /// Reads the state file named by `cfg` and decides what to resume, saying so in one line.
 pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
+    let lock = match lock(path) {
+        Locking::Held(lock) => Some(lock),
+        Locking::Unavailable => None,
+        Locking::Busy => {
+            warn!(
+                "state: another conductor is using {} (it holds {}.lock); this one neither \
+                 resumes nor saves it: give each server its own --state",
+                path.display(),
+                path.display()
+            );
+            return Startup::off();
+        }
+    };
     let limits = Limits {
         min_bpm: cfg.min_bpm,
         max_bpm: cfg.max_bpm,
@@ -456,6 +512,7 @@ pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
                 resume: None,
                 may_write: true,
                 fresh: true,
+                lock,
             };
         }
         Loaded::KeptAside { .. } => {
@@ -463,6 +520,7 @@ pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
                 resume: None,
                 may_write: true,
                 fresh: false,
+                lock,
             };
         }
         Loaded::Untouchable { .. } => return Startup::off(),
@@ -506,6 +564,7 @@ pub fn startup(path: &Path, cfg: &Config, now_unix_ns: u64) -> Startup {
         resume: Some(r),
         may_write: true,
         fresh: false,
+        lock,
     }
 }
 
@@ -549,6 +608,8 @@ enum Command {
 /// The loop's side of the writer thread.
 pub struct StateWriter {
     path: PathBuf,
+    /// The file is this server's while the writer runs.
+    _lock: Option<StateLock>,
     commands: Producer<Command>,
     handle: JoinHandle<()>,
     /// The newest state handed over, to skip handing over the same one again.
@@ -560,7 +621,12 @@ pub struct StateWriter {
 impl StateWriter {
     /// Writes `first` at once (so an unwritable location shows at start, as one warning from
     /// the caller) and starts the thread that writes every later state.
-    pub fn start(path: PathBuf, first: Persisted, clock: Clock) -> Result<StateWriter, StateError> {
+    pub fn start(
+        path: PathBuf,
+        first: Persisted,
+        clock: Clock,
+        lock: Option<StateLock>,
+    ) -> Result<StateWriter, StateError> {
         write_atomically(&path, &encode(&first, clock.unix_now_ns())).map_err(|source| {
             StateError::Write {
                 path: path.clone(),
@@ -578,6 +644,7 @@ impl StateWriter {
             })?;
         Ok(StateWriter {
             path,
+            _lock: lock,
             commands,
             handle,
             last: first,
@@ -906,11 +973,27 @@ mod tests {
     }
 
     #[test]
+    fn one_server_at_a_time_holds_a_state_file() {
+        let dir = temp("lock");
+        let path = dir.join("s.json");
+        let first = lock(&path);
+        assert!(matches!(first, Locking::Held(_)));
+        assert!(matches!(lock(&path), Locking::Busy));
+        drop(first);
+        assert!(matches!(lock(&path), Locking::Held(_)));
+        assert!(matches!(
+            lock(&dir.join("no/such/s.json")),
+            Locking::Unavailable
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_writer_keeps_the_newest_state() {
         let dir = temp("writer");
         let path = dir.join("s.json");
         let clock = Clock::start();
-        let mut w = StateWriter::start(path.clone(), saved(), clock).unwrap();
+        let mut w = StateWriter::start(path.clone(), saved(), clock, None).unwrap();
         let mut last = saved();
         for i in 0..100 {
             last.timeline.anchor_count = 2000 + i;
@@ -919,7 +1002,7 @@ mod tests {
         w.stop();
         let on_disk = decode(&fs::read(&path).unwrap(), limits(), NOW).unwrap();
         assert_eq!(on_disk, last);
-        assert!(StateWriter::start(dir.join("none/s.json"), saved(), clock).is_err());
+        assert!(StateWriter::start(dir.join("none/s.json"), saved(), clock, None).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -286,3 +286,33 @@ fn state_none_reads_and_writes_nothing() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+#[test]
+fn a_second_server_on_the_same_file_leaves_it_to_the_first() {
+    let dir = TempDir::new("locked");
+    let path = dir.path("state.json");
+    let first = start(&path, &[], &[], &dir);
+    let (mut c, _, _) = connect(&first);
+    c.send_json(&json!({"event": "setBpm", "data": 111}));
+    c.next_event("bpmChange");
+    file_when(&path, "111 in the file", |v| v["bpm"] == 111.0);
+
+    let second = start(&path, &[], &[], &dir);
+    let (mut d, hello, _) = connect(&second);
+    assert_eq!(
+        hello["data"]["bpm"], 120,
+        "the second does not resume the first's tempo"
+    );
+    let lines = second.log_lines("state:");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("another conductor is using"), "{lines:?}");
+    // The second's changes do not reach the file; the first's still do.
+    d.send_json(&json!({"event": "setBpm", "data": 77}));
+    d.next_event("bpmChange");
+    c.send_json(&json!({"event": "setBpm", "data": 112}));
+    c.next_event("bpmChange");
+    file_when(&path, "112 in the file", |v| v["bpm"] == 112.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(v["bpm"], 112.0);
+}
