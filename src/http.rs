@@ -180,7 +180,8 @@ pub enum Route {
 }
 
 /// The routing table. Paths are matched exactly against the embedded assets, so no path,
-/// however encoded, can reach the filesystem.
+/// however encoded, reaches the filesystem from here; what matches nothing is `NotFound`,
+/// which the server hands to [`crate::www`] (and its path rules) only with `--www`.
 pub fn route(method: &str, path: &str) -> Route {
     if path == "/socket.io/" || path == "/socket.io" {
         return match method {
