@@ -297,6 +297,8 @@ pub struct Connection {
     pub counted: Option<ClientKind>,
     /// For a parked long-poll GET: the polling session it waits for.
     pub parked_for: Option<usize>,
+    /// For a request parked while the page worker makes its answer: the worker's ticket.
+    pub page_ticket: Option<u64>,
     /// Requests answered on this connection under keep-alive: once one has been, waiting for
     /// the next is idling, not a slow handshake.
     served: u64,
@@ -392,6 +394,7 @@ impl Connection {
             sio: None,
             counted: None,
             parked_for: None,
+            page_ticket: None,
             served: 0,
             drop_pong: false,
             stall: StallWatch::default(),
@@ -469,6 +472,31 @@ impl Connection {
     pub fn park(&mut self, session: usize, until: Instant, keep_alive: bool) {
         self.parked_for = Some(session);
         self.state = State::Parked { until, keep_alive };
+    }
+
+    /// Holds a request while the page worker makes its answer (a `--www` file, a QR code);
+    /// the loop answers it with [`Self::answer_page`].
+    pub fn park_for_page(&mut self, ticket: u64, until: Instant, keep_alive: bool) {
+        self.page_ticket = Some(ticket);
+        self.state = State::Parked { until, keep_alive };
+    }
+
+    /// Queues the page worker's answer, already whole: the head says `Connection: keep-alive`
+    /// exactly when the request allowed it, and the body is shared, not copied.
+    pub fn answer_page(&mut self, head: SharedFrame, body: Option<SharedFrame>, now: Instant) {
+        let keep_alive = self.parked_keep_alive();
+        self.page_ticket = None;
+        self.out.push_uncounted(head);
+        if let Some(body) = body {
+            self.out.push_uncounted(body);
+        }
+        if keep_alive {
+            self.accepted = now;
+            self.served += 1;
+            self.state = State::Http { head: Vec::new() };
+        } else {
+            self.state = closing(now);
+        }
     }
 
     /// Whether the parked request may keep its connection open after the answer.
@@ -773,6 +801,7 @@ impl Connection {
         if self.is_done() {
             return 0;
         }
+        let before = (self.out.len(), self.out.offset);
         let completed = match self.out.write_to(&mut self.sock) {
             Ok((_, completed)) => completed,
             Err(_) => {
@@ -780,6 +809,11 @@ impl Connection {
                 return 0;
             }
         };
+        if (self.out.len(), self.out.offset) != before && !self.out.is_empty() {
+            // A large response (a --www file) still flowing to a slow client: its deadlines
+            // count from the last progress, not from the request, or it would be cut off.
+            self.still_sending(Instant::now());
+        }
         if let State::Closing { write_shut, .. } = &mut self.state
             && !*write_shut
             && self.out.is_empty()
@@ -792,6 +826,16 @@ impl Connection {
             }
         }
         completed
+    }
+
+    /// Moves the deadline of a connection that is still sending a response: the closing grace,
+    /// or a kept-alive connection's idle timeout.
+    fn still_sending(&mut self, now: Instant) {
+        match &mut self.state {
+            State::Closing { until, .. } => *until = (*until).max(now + CLOSE_GRACE),
+            State::Http { .. } if self.served > 0 => self.accepted = now,
+            _ => {}
+        }
     }
 
     /// In `Closing`, reads and discards input until EOF. Returns true when it stopped only
@@ -818,6 +862,11 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
+        }
+        // A page on its way from the worker is still answered: a client may half-close once
+        // its request is sent. (A dead socket fails the answer's write instead.)
+        if self.page_ticket.is_some() {
+            return false;
         }
         // EOF (or a dead socket): once our side is flushed there is nothing left to do.
         // (A parked poll has nothing queued: its answer would have moved it to `Closing`.)

