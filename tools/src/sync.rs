@@ -391,8 +391,10 @@ struct ChangeReport {
     /// The first tick of the new state, and its scheduled instant relative to the request, ms.
     first_count: Option<u64>,
     lead_ms: Option<f64>,
-    /// The new state's first step across every native client (for a stop: none should play it).
+    /// The new state's first step across the native clients of the paths in the overall
+    /// spread (for a stop: none should play it).
     first_step_spread_us: Dist,
+    /// Native clients (every path) that played the first step (for a stop: played it anyway).
     first_step_players: usize,
     per_path: Vec<ChangePathReport>,
 }
@@ -927,8 +929,11 @@ fn analyse(
                 if let Some(c) = first
                     && let Some((_, t)) = n.plays.iter().find(|(k, _)| *k == c)
                 {
-                    first_plays.insert(i as u64, *t);
                     players += 1;
+                    // The spread leaves out the paths left out of the overall spread.
+                    if !args.exclude_from_spread.contains(name) {
+                        first_plays.insert(i as u64, *t);
+                    }
                 }
             }
             // A glitch belongs to the change whose first tick is nearest to it (within 32).
