@@ -122,7 +122,9 @@ impl ClockMapping {
     pub fn offset_at(&self, local_ns: i64) -> i64 {
         let dt = local_ns.saturating_sub(self.anchor_ns);
         let drift = (dt as f64 * self.rate).round() as i64;
-        self.offset_ns + drift + self.residual_at(dt)
+        self.offset_ns
+            .saturating_add(drift)
+            .saturating_add(self.residual_at(dt))
     }
 
     fn residual_at(&self, dt: i64) -> i64 {
@@ -275,8 +277,13 @@ impl ClockSync {
         };
         let elapsed = s.t3.checked_sub(s.t0);
         let held = s.t2.checked_sub(s.t1);
+        // The two clocks may be any distance apart, but less than 2⁶² ns (146 years), so that
+        // differences of offsets fit.
+        let sane = |d: Option<i64>| d.is_some_and(|d| d.unsigned_abs() < 1 << 62);
         let plausible = matches!((elapsed, held), (Some(e), Some(h))
-            if (0..60_000_000_000).contains(&e) && (0..60_000_000_000).contains(&h) && e - h > -1_000_000);
+            if (0..60_000_000_000).contains(&e) && (0..60_000_000_000).contains(&h) && e - h > -1_000_000)
+            && sane(s.t1.checked_sub(s.t0))
+            && sane(s.t2.checked_sub(s.t3));
         if !plausible || self.samples.back().is_some_and(|last| s.t3 < last.t3) {
             return self.published;
         }

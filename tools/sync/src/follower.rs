@@ -30,7 +30,7 @@ use crate::clock::{LocalClock, RealClock};
 use crate::error::SyncError;
 use crate::estimator::{ClockSync, ClockSyncConfig};
 use crate::state::{StatePublisher, SyncReader, SyncState, channel as state_channel};
-use crate::timeline::{Quantize, Timeline};
+use crate::timeline::{Quantize, Timeline, Transport};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -785,7 +785,15 @@ impl Run {
                 );
                 self.shared.info().last_error = Some(err);
             }
-            // A timeline follows every tempo and transport change; ticks are for display.
+            // A server that announces a transport change without a new timeline (conductor
+            // always sends one after): the transport alone changes.
+            Some("transport") => {
+                if let (Some(old), Ok(t)) = (self.state.timeline, Transport::from_event(data)) {
+                    self.state.timeline = Some(old.with_transport(t));
+                    self.publish();
+                }
+            }
+            // A timeline follows every tempo change; ticks are for display.
             _ => {}
         }
     }

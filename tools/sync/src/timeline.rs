@@ -123,6 +123,24 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// Parses a `transport` event's data (`{"state", "count", "time_us"}`). The state before is
+    /// taken to be the other one (a change happened at `count`).
+    pub fn from_event(data: &Value) -> Result<Transport, SyncError> {
+        let state = match data.get("state").and_then(Value::as_str) {
+            Some("playing") => TransportState::Playing,
+            Some("stopped") => TransportState::Stopped,
+            _ => return Err(bad("transport state must be \"playing\" or \"stopped\"")),
+        };
+        let count = field_u64(data, "count")?;
+        let time_ns = field_us_as_ns(data, "time_us")?;
+        Ok(Transport {
+            state,
+            count,
+            time_ns,
+            before: if count == 0 { state } else { state.other() },
+        })
+    }
+
     pub fn state_at(&self, count: u64) -> TransportState {
         if count >= self.count {
             self.state
@@ -217,21 +235,7 @@ impl Timeline {
                 time_ns: current.tick_time_ns(0),
                 before: TransportState::Playing,
             },
-            Some(t) => {
-                let state = match t.get("state").and_then(Value::as_str) {
-                    Some("playing") => TransportState::Playing,
-                    Some("stopped") => TransportState::Stopped,
-                    _ => return Err(bad("transport state must be \"playing\" or \"stopped\"")),
-                };
-                let count = field_u64(t, "count")?;
-                let time_ns = field_us_as_ns(t, "time_us")?;
-                Transport {
-                    state,
-                    count,
-                    time_ns,
-                    before: if count == 0 { state } else { state.other() },
-                }
-            }
+            Some(t) => Transport::from_event(t)?,
         };
         Ok(Timeline {
             current,
@@ -271,6 +275,11 @@ impl Timeline {
             old.state_at(new.count.saturating_sub(1))
         };
         out
+    }
+
+    /// This timeline with `transport` instead (as it follows this one's).
+    pub fn with_transport(&self, transport: Transport) -> Timeline {
+        self.followed_by(Timeline { transport, ..*self })
     }
 
     /// When tick `count` is due, server unix ns (the server's arithmetic).
@@ -430,6 +439,20 @@ mod tests {
         assert!(next.plays(64));
         assert_eq!(next.transport_count(), 64);
         assert_eq!(next.transport_time_ns(), 8_000_000_000);
+    }
+
+    #[test]
+    fn a_transport_event_alone_changes_the_transport() {
+        let t = Timeline::from_event(&event(0, 0, 120.0, playing_from(0))).unwrap();
+        let stop =
+            Transport::from_event(&json!({"state": "stopped", "count": 40, "time_us": 5_000_000}))
+                .unwrap();
+        let s = t.with_transport(stop);
+        assert!(s.plays(39) && !s.plays(40));
+        assert_eq!(s.tempo(), t.tempo());
+        assert!(
+            Transport::from_event(&json!({"state": "paused", "count": 1, "time_us": 1})).is_err()
+        );
     }
 
     #[test]
