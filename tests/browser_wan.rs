@@ -1,7 +1,8 @@
 //! Two drum machines in headless Chromium, each behind its own emulated path (a city, 20 ± 5 ms
 //! each way, and a continent, 75 ± 15 ms), against the real binary: `tests/browser/wan.mjs`
 //! measures each page's planned steps against the ticks' instants (one host, one clock), and
-//! the pages against each other, through a tempo change, a stop and a start.
+//! the pages against each other, through a tempo change, a stop and a start. And the drum
+//! machine's nudge (`tests/browser/nudge.mjs`): set, shown, kept per browser, applied.
 //!
 //! Needs Debian's `chromium` (or `$CHROMIUM`) and `node`; `playwright-core` is installed with
 //! `npm ci --prefix tests/browser` when missing. Without them the test fails and says how to
@@ -30,8 +31,8 @@ fn path(port: u16, profile: &str, seed: u64) -> conductor_netem::PathHandle {
     .expect("start an emulated path")
 }
 
-#[test]
-fn two_pages_behind_two_emulated_paths_play_together() {
+/// Chromium and node, and playwright-core installed: the browser and the script directory.
+fn browser_setup() -> (String, PathBuf) {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
@@ -51,6 +52,28 @@ fn two_pages_behind_two_emulated_paths_play_together() {
             .expect("run npm");
         assert!(status.success(), "npm ci --prefix tests/browser failed");
     }
+    (chromium, dir)
+}
+
+#[test]
+fn the_drum_machines_nudge_is_shown_kept_and_applied() {
+    let (chromium, dir) = browser_setup();
+    let server = Server::start(&[]);
+    let out = Command::new("node")
+        .arg(dir.join("nudge.mjs"))
+        .arg(format!("http://127.0.0.1:{}", server.port))
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("run node tests/browser/nudge.mjs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "nudge checks failed:\n{stdout}");
+    assert!(stdout.matches("ok  ").count() >= 10, "{stdout}");
+}
+
+#[test]
+fn two_pages_behind_two_emulated_paths_play_together() {
+    let (chromium, dir) = browser_setup();
 
     let server = Server::start(&["--bpm", "200"]);
     let city = path(server.port, "city", 1);
