@@ -142,8 +142,8 @@ impl OscPlan {
         };
         if playing {
             events.tick = true;
-            events.beat = n % ppqn == 0;
-            events.bar = n % bar == 0;
+            events.beat = n.is_multiple_of(ppqn);
+            events.bar = n.is_multiple_of(bar);
         }
         let at = tl.tick_time_ns(n).max(self.last_at);
         let then = OscPlan {
@@ -218,8 +218,8 @@ mod tests {
             assert_eq!(s.count, n);
             assert_eq!(s.at_ns, tl.tick_time_ns(n));
             assert!(s.events.tick && !s.events.transport && !s.events.tempo);
-            assert_eq!(s.events.beat, n % 4 == 0, "count {n}");
-            assert_eq!(s.events.bar, n % 16 == 0, "count {n}");
+            assert_eq!(s.events.beat, n.is_multiple_of(4), "count {n}");
+            assert_eq!(s.events.bar, n.is_multiple_of(16), "count {n}");
         }
     }
 
