@@ -131,7 +131,7 @@ pub struct OutputSpec {
 /// The validated settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The endpoint, with any token added as `?token=`.
+    /// The endpoint (the follower adds the token as `?token=`).
     pub url: String,
     pub token: Option<String>,
     pub outputs: Vec<OutputSpec>,
@@ -265,11 +265,7 @@ impl Cli {
             .collect();
 
         Ok(Config {
-            url: match &self.token {
-                Some(token) if url.contains('?') => format!("{url}&token={token}"),
-                Some(token) => format!("{url}?token={token}"),
-                None => url,
-            },
+            url,
             token: self.token.clone(),
             outputs,
             osc_ahead,
@@ -399,7 +395,8 @@ mod tests {
             "s3cret",
         ])
         .unwrap();
-        assert_eq!(c.url, "ws://h:3000/ws?token=s3cret");
+        assert_eq!(c.url, "ws://h:3000/ws");
+        assert_eq!(c.token.as_deref(), Some("s3cret"));
         let c = parse(&["ws://h:3000/", "--osc", "127.0.0.1:9000"]).unwrap();
         assert_eq!(c.url, "ws://h:3000/ws");
     }

@@ -167,4 +167,35 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// For any tempo, ppqn and anchor: clocks are strictly increasing, every 24th is
+            /// the tick that begins its beat, and the inverse finds each clock again.
+            #[test]
+            fn clocks_are_ordered_exact_on_beats_and_invertible(
+                bpm_milli in 1_000u32..1_000_000,
+                ppqn in 1u32..=960,
+                anchor_count in 0u64..1_000_000,
+                anchor_us in 0i64..2_000_000_000_000_000,
+                m in 0u64..10_000_000,
+            ) {
+                let tl = timeline(f64::from(bpm_milli) / 1000.0, ppqn, anchor_count, anchor_us * 1000, true, 0);
+                let (a, b) = (clock_time(&tl, m), clock_time(&tl, m + 1));
+                prop_assert!(a < b, "clock {m}: {a} then {b}");
+                let beat = m / 24;
+                prop_assert_eq!(clock_time(&tl, beat * 24), tl.tick_time_ns(beat * u64::from(ppqn)));
+                prop_assert_eq!(first_clock_at_or_after(&tl, a), m);
+                prop_assert_eq!(first_clock_at_or_after(&tl, a + 1), m + 1);
+                // A start on tick n lands on a clock at or after it, and before the next one
+                // (clocks are finer than ticks at ppqn <= 24).
+                let n = tick_of_clock(ppqn, m);
+                prop_assert!(clock_of_tick(ppqn, n) <= m);
+                prop_assert!(clock_time(&tl, clock_of_tick(ppqn, n)) >= tl.tick_time_ns(n));
+            }
+        }
+    }
 }

@@ -115,14 +115,14 @@ impl MidiPlan {
         let Some(cursor) = self.cursor else {
             // First timeline: the device's state is unknown (a previous run may have left it
             // playing), so stop it before anything else.
-            return self.join(tl, now, true);
+            return self.join(tl, now, true, None);
         };
         let expected = first_clock_at_or_after(tl, now);
         // Right after clock m − 1 went out, `expected` is m − 1 or m.
         if cursor.saturating_add(RELOCATE_CLOCKS) < expected
             || cursor > expected.saturating_add(1 + RELOCATE_CLOCKS)
         {
-            return self.join(tl, now, self.playing || self.resume_at.is_some());
+            return self.join(tl, now, self.playing || self.resume_at.is_some(), None);
         }
         self.clock_step(tl, cursor, now)
     }
@@ -156,8 +156,9 @@ impl MidiPlan {
             (false, None) if plays => {
                 if m > 0 && clock_plays(tl, m - 1) {
                     // Playing already (we learned of the start too late, or came back from
-                    // an outage mid-song): locate, then continue.
-                    return self.join(tl, now, false);
+                    // an outage mid-song): locate, then continue, from this clock on (the
+                    // ones before it went out already).
+                    return self.join(tl, now, false, Some(m));
                 }
                 step.push(START);
                 then.playing = true;
@@ -176,11 +177,18 @@ impl MidiPlan {
         step
     }
 
-    /// Joins the timeline afresh at `now`: optionally Stop, then, if the transport plays, a
-    /// Song Position Pointer and a Continue due at the next 16th far enough away.
-    fn join<T: TimelineView>(&self, tl: &T, now: i64, stop_first: bool) -> MidiStep {
+    /// Joins the timeline at `now`: optionally Stop, then, if the transport plays, a Song
+    /// Position Pointer and a Continue due at the next 16th far enough away. The clock goes on
+    /// from `from` (the cursor, when it is still right), else from the first one due now.
+    fn join<T: TimelineView>(
+        &self,
+        tl: &T,
+        now: i64,
+        stop_first: bool,
+        from: Option<u64>,
+    ) -> MidiStep {
         let at = now.max(self.last_at);
-        let m = first_clock_at_or_after(tl, at);
+        let m = from.unwrap_or_else(|| first_clock_at_or_after(tl, at));
         let mut then = MidiPlan {
             cursor: Some(m),
             playing: false,
