@@ -3,13 +3,23 @@
 //! [`ClockMap`], and what `main` says about the connection.
 //!
 //! This module owns no clock-sync or timeline arithmetic: all of it is the library's, shared
-//! with the probe and every other native client. It adds only the adapters and [`Watcher`], a
-//! pure function from successive sync states to the lines worth logging.
+//! with the probe and every other native client. It adds the adapters, [`Watcher`] (a pure
+//! function from successive sync states to the lines worth logging), and the handoff to the
+//! emitter.
+//!
+//! The handoff: the main thread waits for each new state on the follower's condition variable
+//! and pushes it into a wait-free `rtrb` ring ([`Relay`]); the emitter drains the ring to the
+//! newest ([`FollowerFeed`]). The emitter does not read the library's sequence lock itself:
+//! a reader of that lock spins while the writer is between its two stores, and a `SCHED_FIFO`
+//! reader spinning on the core where the follower (normal priority) was preempted mid-store
+//! keeps it from finishing. On a loaded 2-core machine that stalled the emitter for seconds.
 
 use std::time::{Duration, Instant};
 
+use rtrb::{Consumer, Producer, RingBuffer};
+
 use conductor_sync::{
-    ClockMapping, Follower, FollowerConfig, RealClock, SyncError, SyncReader, SyncState, Timeline,
+    ClockMapping, Follower, FollowerConfig, RealClock, SyncError, SyncState, Timeline,
     TransportState,
 };
 
@@ -86,11 +96,29 @@ impl Follow {
         self.follower.state()
     }
 
-    /// The emitter's wait-free view of the follower.
-    pub fn feed(&self) -> FollowerFeed {
-        FollowerFeed {
-            reader: self.follower.reader(),
-            epoch: self.epoch,
+    /// The emitter's wait-free view of the follower, and the relay that feeds it.
+    pub fn feed(&self) -> (FollowerFeed, Relay) {
+        let (producer, consumer) = RingBuffer::new(HANDOFF_RING);
+        (
+            FollowerFeed {
+                states: consumer,
+                latest: None,
+                epoch: self.epoch,
+            },
+            Relay {
+                states: producer,
+                pending: None,
+            },
+        )
+    }
+
+    /// Waits up to `timeout` for a state newer than `version`: `Ok(None)` when none came,
+    /// `Err` (what happened) when the follower thread has ended.
+    pub fn next_state(&self, version: u64, timeout: Duration) -> Result<Option<SyncState>, String> {
+        match self.follower.wait_until(timeout, |s| s.version > version) {
+            Ok(state) => Ok(Some(state)),
+            Err(SyncError::Timeout(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -100,9 +128,42 @@ impl Follow {
     }
 }
 
-/// The emitter's end: a sequence-lock reader, which never blocks or allocates.
+/// States the ring holds: the main thread hands over a few a second.
+const HANDOFF_RING: usize = 64;
+
+/// What the emitter needs of a state.
+type Synced = (Timeline, ClockMapping);
+
+/// The main thread's end of the handoff.
+pub struct Relay {
+    states: Producer<Synced>,
+    /// The newest state, when the ring was full (the emitter stalled): sent on the next try.
+    pending: Option<Synced>,
+}
+
+impl Relay {
+    /// Hands `state` to the emitter, once it has a timeline and a clock mapping.
+    pub fn forward(&mut self, state: &SyncState) {
+        if let (Some(tl), Some(map)) = (state.timeline, state.mapping) {
+            self.pending = Some((tl, map));
+        }
+        self.flush();
+    }
+
+    /// Retries a state the ring had no room for.
+    pub fn flush(&mut self) {
+        if let Some(s) = self.pending
+            && self.states.push(s).is_ok()
+        {
+            self.pending = None;
+        }
+    }
+}
+
+/// The emitter's end: pops never block or allocate.
 pub struct FollowerFeed {
-    reader: SyncReader,
+    states: Consumer<Synced>,
+    latest: Option<Synced>,
     epoch: Instant,
 }
 
@@ -110,9 +171,11 @@ impl Feed for FollowerFeed {
     type Timeline = Timeline;
     type Map = ClockMapping;
 
-    fn latest(&mut self) -> Option<(Timeline, ClockMapping)> {
-        let state = self.reader.load();
-        Some((state.timeline?, state.mapping?))
+    fn latest(&mut self) -> Option<Synced> {
+        while let Ok(s) = self.states.pop() {
+            self.latest = Some(s);
+        }
+        self.latest
     }
 
     fn epoch(&self) -> Instant {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::error::ErrorKind;
-use log::{info, warn};
+use log::{error, info, warn};
 
 use conductor_bridge::config::{Cli, Config, Target};
 use conductor_bridge::emitter::{self, Output, OutputPlan, OutputStats, Plan, Realtime, Sink};
@@ -111,7 +111,8 @@ fn main() -> ExitCode {
         fifo_priority: cfg.rt_priority,
         spin: cfg.spin,
     };
-    let emitter = match emitter::spawn(follow.feed(), outputs, realtime, Arc::clone(&stop)) {
+    let (feed, mut relay) = follow.feed();
+    let emitter = match emitter::spawn(feed, outputs, realtime, Arc::clone(&stop)) {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("conductor-bridge: error: cannot start the emitter thread: {e}");
@@ -121,13 +122,33 @@ fn main() -> ExitCode {
     info!("following {}", cfg.url);
 
     let mut watcher = follow::Watcher::default();
+    let mut reports: Vec<OutputReport> = watched.iter().map(|_| OutputReport::default()).collect();
     let started = Instant::now();
     let mut said_waiting = false;
-    let mut reports: Vec<OutputReport> = watched.iter().map(|_| OutputReport::default()).collect();
+    let mut version = 0;
+    let mut status = ExitCode::SUCCESS;
     while !stop.load(Ordering::Relaxed) && !emitter.is_finished() {
-        std::thread::sleep(WATCH);
-        let state = follow.state();
-        if !said_waiting && !state.is_synced() && started.elapsed() > NO_SYNC_WARNING {
+        // Each new state as soon as the follower publishes it (a condition variable, not the
+        // emitter's business), else every WATCH for the reports.
+        match follow.next_state(version, WATCH) {
+            Ok(Some(state)) => {
+                version = state.version;
+                relay.forward(&state);
+                for line in watcher.observe(&state) {
+                    match line {
+                        Report::Info(text) => info!("{text}"),
+                        Report::Warn(text) => warn!("{text}"),
+                    }
+                }
+            }
+            Ok(None) => relay.flush(),
+            Err(why) => {
+                error!("the follower stopped: {why}");
+                status = ExitCode::FAILURE;
+                break;
+            }
+        }
+        if !said_waiting && !follow.state().is_synced() && started.elapsed() > NO_SYNC_WARNING {
             said_waiting = true;
             warn!(
                 "no sync with {} after {} s; still trying (is the server up, and is this its \
@@ -135,12 +156,6 @@ fn main() -> ExitCode {
                 cfg.url,
                 NO_SYNC_WARNING.as_secs()
             );
-        }
-        for line in watcher.observe(&state) {
-            match line {
-                Report::Info(text) => info!("{text}"),
-                Report::Warn(text) => warn!("{text}"),
-            }
         }
         for ((name, stats), report) in watched.iter().zip(&mut reports) {
             report.check(name, stats);
@@ -160,7 +175,7 @@ fn main() -> ExitCode {
             stats.failed.load(Ordering::Relaxed),
         );
     }
-    ExitCode::SUCCESS
+    status
 }
 
 /// Opens every output, with a line to log about each, or says which one cannot work and why.
