@@ -521,9 +521,11 @@ fn alsa_virtual_port_carries_the_clock() {
         // TODO(lead): switch to tests/common/require.rs (`missing("alsa", ...)`) when merging.
         let skip = std::env::var("CONDUCTOR_TEST_SKIP").unwrap_or_default();
         if skip.split([',', ' ']).any(|s| s == "alsa" || s == "all") {
-            eprintln!(
-                "\n!!! SKIPPED alsa_virtual_port_carries_the_clock: /dev/snd/seq does not exist, \
-                 and CONDUCTOR_TEST_SKIP asked to skip it.\n"
+            // Straight to stderr: the harness captures eprintln!, and a skip must show.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"\n!!! SKIPPED alsa_virtual_port_carries_the_clock: /dev/snd/seq does not exist, \
+                  and CONDUCTOR_TEST_SKIP asked to skip it.\n",
             );
             return;
         }
