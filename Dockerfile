@@ -4,6 +4,7 @@
 #
 #   docker build --build-arg CONDUCTOR_GIT_COMMIT=$(git rev-parse --short HEAD) -t conductor .
 #   docker run --rm -p 3000:3000 conductor                 # flags go after the image name
+#   docker run -p 3000:3000 -v conductor-state:/var/lib/conductor conductor   # keeps the state
 #
 # There is no .dockerignore: BuildKit sends the builder only the paths the COPY lines name, so
 # target/ and .git stay where they are. tests/deploy.rs builds the binary the way the build
@@ -54,6 +55,12 @@ RUN touch src/*.rs \
 
 FROM scratch
 COPY --from=build /conductor /conductor
+# Tempo, transport and timeline survive a restart in a state file (--state), on a volume in a
+# directory the server's user owns. scratch has no mkdir: the build stage's /srv is an empty
+# directory (Debian's), copied with the owner set.
+COPY --from=build --chown=65534:65534 /srv /var/lib/conductor
+ENV CONDUCTOR_STATE=/var/lib/conductor/state.json
+VOLUME ["/var/lib/conductor"]
 # nobody: there is no /etc/passwd to name it by.
 USER 65534:65534
 EXPOSE 3000

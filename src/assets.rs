@@ -1,7 +1,8 @@
 //! The web pages, embedded in the binary at build time from `www/`.
 //!
-//! This module owns the table of servable paths. Nothing is ever read from disk at run time, so
-//! a request path can only ever name one of these entries: there is no path to traverse.
+//! This module owns the table of embedded paths. It reads nothing from disk at run time, so a
+//! request path can only ever name one of these entries: there is no path to traverse. (The
+//! operator's own pages, `--www`, are [`crate::www`]'s, with its own path rules; these win.)
 
 /// One embedded file.
 #[derive(Debug, PartialEq, Eq)]

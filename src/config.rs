@@ -5,9 +5,11 @@
 //! prints as one line before exiting with status 2.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::room::RoomName;
@@ -36,7 +38,12 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// TCP port for HTTP and WebSocket (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 3000)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "PORT",
+        default_value_t = 3000
+    )]
     pub port: u16,
 
     /// Address to listen on.
@@ -44,47 +51,114 @@ pub struct Cli {
     pub bind: IpAddr,
 
     /// Tempo at start, in beats per minute.
-    #[arg(long, env = "CONDUCTOR_BPM", default_value_t = 120.0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_BPM",
+        default_value_t = 120.0
+    )]
     pub bpm: f64,
 
     /// Lowest tempo a client may set.
-    #[arg(long, env = "CONDUCTOR_MIN_BPM", default_value_t = 60.0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MIN_BPM",
+        default_value_t = 60.0
+    )]
     pub min_bpm: f64,
 
     /// Highest tempo a client may set.
-    #[arg(long, env = "CONDUCTOR_MAX_BPM", default_value_t = 200.0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_BPM",
+        default_value_t = 200.0
+    )]
     pub max_bpm: f64,
 
     /// Ticks per quarter note: 4 gives 16th notes, 24 matches MIDI clock.
-    #[arg(long, env = "CONDUCTOR_PPQN", default_value_t = 4)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_PPQN",
+        default_value_t = 4
+    )]
     pub ppqn: u32,
 
     /// Beats in a bar: a quantised `start` waits for the next bar line, so everyone comes in
     /// on the downbeat together.
-    #[arg(long, env = "CONDUCTOR_BEATS_PER_BAR", default_value_t = 4)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_BEATS_PER_BAR",
+        default_value_t = 4
+    )]
     pub beats_per_bar: u32,
 
     /// Frames a client may fall behind before it is closed with 1008 (slow consumer).
-    #[arg(long, env = "CONDUCTOR_MAX_QUEUE", default_value_t = 64)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_QUEUE",
+        default_value_t = 64
+    )]
     pub max_queue: usize,
 
     /// Largest WebSocket message a client may send, in bytes; larger closes with 1009.
-    #[arg(long, env = "CONDUCTOR_MAX_MESSAGE_BYTES", default_value_t = 4096)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_MESSAGE_BYTES",
+        default_value_t = 4096
+    )]
     pub max_message_bytes: usize,
 
     /// Messages a client may send per second; more get an error event, ten times more a 1008
     /// close.
-    #[arg(long, env = "CONDUCTOR_MAX_MESSAGES_PER_SEC", default_value_t = 20)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_MESSAGES_PER_SEC",
+        default_value_t = 20
+    )]
     pub max_messages_per_sec: u32,
 
     /// Most WebSocket clients at once; further upgrades get 503.
-    #[arg(long, env = "CONDUCTOR_MAX_CLIENTS", default_value_t = 100_000)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_CLIENTS",
+        default_value_t = 100_000
+    )]
     pub max_clients: usize,
 
     /// Most Socket.IO long-polling sessions at once; further handshakes get 503. Each one
     /// holds a request open, so they cost more than WebSocket clients.
-    #[arg(long, env = "CONDUCTOR_MAX_POLLING_SESSIONS", default_value_t = 1000)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_POLLING_SESSIONS",
+        default_value_t = 1000
+    )]
     pub max_polling_sessions: usize,
+
+    /// Most Socket.IO long-polling sessions from one address (an IPv6 /64 counts as one);
+    /// further handshakes from it get 429. A stock client polls only until it upgrades to
+    /// WebSocket, so this caps what one peer can hold, not a classroom behind one NAT.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_MAX_SESSIONS_PER_IP",
+        default_value_t = 32
+    )]
+    pub max_sessions_per_ip: usize,
+
+    /// Take the client's address from this request header (e.g. Fly-Client-IP, or
+    /// X-Forwarded-For, whose last entry is used) for --max-sessions-per-ip and for binding a
+    /// session to its client. Only behind a proxy that sets it: anyone can send the header.
+    #[arg(long, env = "CONDUCTOR_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
 
     /// Only connections presenting this token (?token= or Authorization: Bearer) may change
     /// the tempo; everyone else still receives ticks.
@@ -130,29 +204,59 @@ pub struct Cli {
     pub allowed_origins: Vec<String>,
 
     /// Seconds a client may stay silent before the server pings it.
-    #[arg(long, env = "CONDUCTOR_PING_INTERVAL", default_value_t = 20)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_PING_INTERVAL",
+        default_value_t = 20
+    )]
     pub ping_interval: u64,
 
     /// Seconds a pinged client has to answer before it is closed.
-    #[arg(long, env = "CONDUCTOR_PING_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_PING_TIMEOUT",
+        default_value_t = 10
+    )]
     pub ping_timeout: u64,
 
     /// Seconds a connection may take to send its HTTP request or upgrade.
-    #[arg(long, env = "CONDUCTOR_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_HANDSHAKE_TIMEOUT",
+        default_value_t = 10
+    )]
     pub handshake_timeout: u64,
 
     /// SCHED_FIFO priority for the timing thread (1-99), or 0 to not ask for one.
-    #[arg(long, env = "CONDUCTOR_RT_PRIORITY", default_value_t = 50)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_RT_PRIORITY",
+        default_value_t = 50
+    )]
     pub rt_priority: i32,
 
     /// Microseconds before each tick to wake the event loop, so that waking it is not on the
     /// tick's path (0 = off).
-    #[arg(long, env = "CONDUCTOR_PREWAKE_US", default_value_t = 500)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_PREWAKE_US",
+        default_value_t = 500
+    )]
     pub prewake_us: u64,
 
     /// Microseconds before each tick that the timing thread spins instead of sleeping. More
     /// costs CPU; less lets a virtual machine's idle wake-up delay make ticks late.
-    #[arg(long, env = "CONDUCTOR_SPIN_US", default_value_t = 2000)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_SPIN_US",
+        default_value_t = 2000
+    )]
     pub spin_us: u64,
 
     /// Share one timeline with every instance started with the same Redis URL and
@@ -166,13 +270,45 @@ pub struct Cli {
 
     /// How far ahead a tempo or transport change is scheduled in a cluster, so that every
     /// instance hears of it before its first affected tick.
-    #[arg(long, env = "CONDUCTOR_CLUSTER_LEAD_MS", default_value_t = 250)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        env = "CONDUCTOR_CLUSTER_LEAD_MS",
+        default_value_t = 250
+    )]
     pub cluster_lead_ms: u64,
 
     /// Do not lock the process's memory (mlockall).
     #[arg(long, env = "CONDUCTOR_NO_MLOCK")]
     pub no_mlock: bool,
+
+    /// Also serve the files in DIR (your own pages), beside the embedded ones, which win where
+    /// both have a path.
+    #[arg(long, env = "CONDUCTOR_WWW", value_name = "DIR")]
+    pub www: Option<PathBuf>,
+
+    /// Where tempo, transport and the timeline survive a restart, or `none`.
+    #[arg(
+        long,
+        env = "CONDUCTOR_STATE",
+        value_name = "FILE",
+        default_value = DEFAULT_STATE_FILE
+    )]
+    pub state: PathBuf,
+
+    /// Whether `--bpm` was given on the command line (not by the environment or the default):
+    /// only then does it win over the tempo in the state file.
+    #[arg(skip)]
+    pub bpm_on_command_line: bool,
+
+    /// The same for `--beats-per-bar`.
+    #[arg(skip)]
+    pub beats_per_bar_on_command_line: bool,
 }
+
+/// The state file when neither `--state` nor `CONDUCTOR_STATE` names one: in the working
+/// directory.
+pub const DEFAULT_STATE_FILE: &str = "conductor-state.json";
 
 /// A one-shot tool instead of the server.
 #[derive(Clone, Debug, Subcommand)]
@@ -197,6 +333,28 @@ pub struct HealthcheckArgs {
     /// Seconds to wait for connecting and for the answer, each.
     #[arg(long, default_value_t = 2)]
     pub timeout: u64,
+}
+
+impl Cli {
+    /// Parses the process's arguments and environment, and notes which flags were typed on
+    /// the command line (see [`Cli::bpm_on_command_line`]).
+    pub fn parse_args() -> Result<Cli, clap::Error> {
+        Self::parse_args_from(std::env::args_os())
+    }
+
+    /// [`Cli::parse_args`] for given arguments.
+    pub fn parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let typed = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        cli.bpm_on_command_line = typed("bpm");
+        cli.beats_per_bar_on_command_line = typed("beats_per_bar");
+        Ok(cli)
+    }
 }
 
 impl HealthcheckArgs {
@@ -228,6 +386,9 @@ pub struct Config {
     pub max_messages_per_sec: u32,
     pub max_clients: usize,
     pub max_polling_sessions: usize,
+    pub max_sessions_per_ip: usize,
+    /// Lower-cased.
+    pub client_ip_header: Option<String>,
     pub control_token: Option<String>,
     /// Lower-cased, without a trailing slash.
     pub allowed_origins: Vec<String>,
@@ -247,19 +408,27 @@ pub struct Config {
     pub metrics_rooms: usize,
     /// `--change-lead-ms`, when given.
     pub change_lead: Option<Duration>,
+    /// `--www`: the directory of the operator's own pages, resolved (no symlinks, absolute).
+    pub www: Option<PathBuf>,
+    /// `--state`: where the state survives a restart (`None` for `--state none`).
+    pub state_file: Option<PathBuf>,
+    /// `--bpm` and `--beats-per-bar` typed on the command line: they win over the state file.
+    pub bpm_on_command_line: bool,
+    pub beats_per_bar_on_command_line: bool,
 }
 
 /// A setting that cannot work, with what to do about it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum ConfigError {
-    #[error(
-        "--{flag} {value} is not a usable tempo; give a number above 0 and at most {BPM_CEILING}"
-    )]
+    #[error("--{flag} {value} is out of range; give a tempo above 0 and at most {BPM_CEILING} BPM")]
     BadTempo { flag: &'static str, value: String },
     #[error("--min-bpm {min} is above --max-bpm {max}")]
     EmptyRange { min: Bpm, max: Bpm },
-    #[error("--bpm {bpm} lies outside --min-bpm {min} .. --max-bpm {max}")]
-    BpmOutOfRange { bpm: Bpm, min: Bpm, max: Bpm },
+    #[error(
+        "--bpm {value} is out of range; the limits in force are {min} to {max} BPM \
+         (--min-bpm, --max-bpm)"
+    )]
+    BpmOutOfRange { value: String, min: Bpm, max: Bpm },
     #[error("--ppqn {0} is out of range; use 1 to 960 (4 = 16th notes, 24 = MIDI clock)")]
     BadPpqn(u32),
     #[error("--beats-per-bar {0} is out of range; use 1 to 64")]
@@ -274,6 +443,10 @@ pub enum ConfigError {
     BadMaxClients(usize),
     #[error("--max-polling-sessions {0} is out of range; use 0 (no long-polling) to 100000")]
     BadMaxPollingSessions(usize),
+    #[error("--max-sessions-per-ip {0} is out of range; use 1 to 100000")]
+    BadMaxSessionsPerIp(usize),
+    #[error("--client-ip-header {0:?} is not a header name; give e.g. X-Forwarded-For")]
+    BadClientIpHeader(String),
     #[error("--control-token must be 1 to 256 visible ASCII characters")]
     BadToken,
     #[error(
@@ -296,6 +469,13 @@ pub enum ConfigError {
     BadClusterName,
     #[error("--cluster-lead-ms {0} is out of range; use 10 to 10000")]
     BadClusterLead(u64),
+    #[error("--www {dir}: {reason}; give a directory of files to serve")]
+    BadWww { dir: String, reason: String },
+    #[error(
+        "--state {0:?} is a directory; give a file in it (e.g. --state DIR/{DEFAULT_STATE_FILE}) \
+         or --state none"
+    )]
+    StateIsDirectory(String),
     #[error("--max-rooms {0} is out of range; use 1 to 10000")]
     BadMaxRooms(usize),
     #[error(
@@ -342,7 +522,6 @@ fn tempo(flag: &'static str, value: f64) -> Result<Bpm, ConfigError> {
 impl Cli {
     /// Checks every flag and the rules between them.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let bpm = tempo("bpm", self.bpm)?;
         let min_bpm = tempo("min-bpm", self.min_bpm)?;
         let max_bpm = tempo("max-bpm", self.max_bpm)?;
         if min_bpm > max_bpm {
@@ -351,13 +530,15 @@ impl Cli {
                 max: max_bpm,
             });
         }
-        if bpm < min_bpm || bpm > max_bpm {
-            return Err(ConfigError::BpmOutOfRange {
-                bpm,
+        // Named against the limits in force, not the absolute ceiling: that is what the
+        // operator can act on.
+        let bpm = Bpm::from_f64(self.bpm)
+            .filter(|bpm| (min_bpm..=max_bpm).contains(bpm))
+            .ok_or_else(|| ConfigError::BpmOutOfRange {
+                value: self.bpm.to_string(),
                 min: min_bpm,
                 max: max_bpm,
-            });
-        }
+            })?;
         if !(1..=960).contains(&self.ppqn) {
             return Err(ConfigError::BadPpqn(self.ppqn));
         }
@@ -389,6 +570,18 @@ impl Cli {
             return Err(ConfigError::BadMaxPollingSessions(
                 self.max_polling_sessions,
             ));
+        }
+        if !(1..=100_000).contains(&self.max_sessions_per_ip) {
+            return Err(ConfigError::BadMaxSessionsPerIp(self.max_sessions_per_ip));
+        }
+        if let Some(name) = &self.client_ip_header
+            && (name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)))
+        {
+            return Err(ConfigError::BadClientIpHeader(name.clone()));
         }
         if let Some(token) = &self.control_token
             && (token.is_empty()
@@ -472,6 +665,21 @@ impl Cli {
         {
             return Err(ConfigError::BadChangeLead(ms));
         }
+        let www = match &self.www {
+            None => None,
+            Some(dir) => Some(www_dir(dir)?),
+        };
+        let state_file = if self.state.as_os_str() == "none" {
+            None
+        } else if self.state.is_dir() {
+            return Err(ConfigError::StateIsDirectory(
+                self.state.display().to_string(),
+            ));
+        } else {
+            // Whether it can be read and written is found out at start, where a problem is a
+            // warning and not a refusal (see `state`).
+            Some(self.state.clone())
+        };
         Ok(Config {
             room_tokens,
             max_rooms: self.max_rooms,
@@ -490,6 +698,11 @@ impl Cli {
             max_messages_per_sec: self.max_messages_per_sec,
             max_clients: self.max_clients,
             max_polling_sessions: self.max_polling_sessions,
+            max_sessions_per_ip: self.max_sessions_per_ip,
+            client_ip_header: self
+                .client_ip_header
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
             control_token: self.control_token.clone(),
             allowed_origins,
             ping_interval: Duration::from_secs(self.ping_interval),
@@ -500,8 +713,25 @@ impl Cli {
             spin: Duration::from_micros(self.spin_us),
             mlock: !self.no_mlock,
             cluster,
+            www,
+            state_file,
+            bpm_on_command_line: self.bpm_on_command_line,
+            beats_per_bar_on_command_line: self.beats_per_bar_on_command_line,
         })
     }
+}
+
+/// The `--www` directory, resolved once: every served path is checked to stay inside it.
+fn www_dir(dir: &Path) -> Result<PathBuf, ConfigError> {
+    let refuse = |reason: String| ConfigError::BadWww {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let real = dir.canonicalize().map_err(|e| refuse(e.to_string()))?;
+    if !real.is_dir() {
+        return Err(refuse("not a directory".into()));
+    }
+    Ok(real)
 }
 
 #[cfg(test)]
@@ -536,10 +766,14 @@ mod tests {
         ));
         assert!(matches!(
             parse(&["--bpm", "NaN"]),
-            Err(ConfigError::BadTempo { .. })
+            Err(ConfigError::BpmOutOfRange { .. })
         ));
         assert!(matches!(
             parse(&["--bpm=-3"]),
+            Err(ConfigError::BpmOutOfRange { .. })
+        ));
+        assert!(matches!(
+            parse(&["--max-bpm", "1001"]),
             Err(ConfigError::BadTempo { .. })
         ));
         assert_eq!(
@@ -694,6 +928,101 @@ mod tests {
             parse(&["--change-lead-ms", "20000"]).unwrap_err(),
             ConfigError::BadChangeLead(20_000)
         );
+    }
+
+    #[test]
+    fn session_limits_per_address_and_the_client_ip_header() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.max_sessions_per_ip, c.client_ip_header), (32, None));
+        let c = parse(&[
+            "--max-sessions-per-ip",
+            "4",
+            "--client-ip-header",
+            "Fly-Client-IP",
+        ])
+        .unwrap();
+        assert_eq!(c.max_sessions_per_ip, 4);
+        assert_eq!(c.client_ip_header.as_deref(), Some("fly-client-ip"));
+        assert_eq!(
+            parse(&["--max-sessions-per-ip", "0"]).unwrap_err(),
+            ConfigError::BadMaxSessionsPerIp(0)
+        );
+        assert!(matches!(
+            parse(&["--client-ip-header", "X Forwarded"]),
+            Err(ConfigError::BadClientIpHeader(_))
+        ));
+    }
+
+    #[test]
+    fn a_tempo_out_of_range_names_the_limits_in_force() {
+        // A negative number is a value, not a flag.
+        for (args, shown) in [
+            (
+                &["--bpm", "-5"][..],
+                "--bpm -5 is out of range; the limits in force are 60 to 200",
+            ),
+            (
+                &["--bpm", "0"],
+                "--bpm 0 is out of range; the limits in force are 60 to 200",
+            ),
+            (
+                &["--min-bpm", "30", "--max-bpm", "90.5", "--bpm", "91"],
+                "--bpm 91 is out of range; the limits in force are 30 to 90.5",
+            ),
+            (&["--min-bpm", "-1"], "--min-bpm -1 is out of range"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.starts_with(shown), "{args:?}: {e}");
+        }
+        // Every numeric flag takes a negative value as a value (and then refuses it).
+        let e = Cli::try_parse_from(["conductor", "--port", "-1"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+    }
+
+    #[test]
+    fn www_must_be_a_directory_and_is_resolved() {
+        let dir = std::env::temp_dir().join(format!("conductor-www-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = parse(&["--www", dir.to_str().unwrap()]).unwrap();
+        assert_eq!(c.www, Some(dir.canonicalize().unwrap()));
+        let file = dir.join("f.txt");
+        std::fs::write(&file, "x").unwrap();
+        let e = parse(&["--www", file.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadWww { .. }), "{e}");
+        let e = parse(&["--www", "/no/such/conductor/dir"]).unwrap_err();
+        assert!(e.to_string().contains("give a directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_state_file_defaults_to_the_working_directory_and_can_be_turned_off() {
+        // CONDUCTOR_STATE may be set where the tests run.
+        if std::env::var_os("CONDUCTOR_STATE").is_none() {
+            assert_eq!(
+                parse(&[]).unwrap().state_file,
+                Some(PathBuf::from(DEFAULT_STATE_FILE))
+            );
+        }
+        assert_eq!(parse(&["--state", "none"]).unwrap().state_file, None);
+        assert_eq!(
+            parse(&["--state", "/tmp/x.json"]).unwrap().state_file,
+            Some(PathBuf::from("/tmp/x.json"))
+        );
+        assert!(matches!(
+            parse(&["--state", "/tmp"]),
+            Err(ConfigError::StateIsDirectory(_))
+        ));
+        assert!(Cli::try_parse_from(["conductor", "--state", ""]).is_err());
+    }
+
+    #[test]
+    fn only_flags_typed_on_the_command_line_count_as_typed() {
+        let cli = Cli::parse_args_from(["conductor", "--bpm", "90"]).unwrap();
+        assert!(cli.bpm_on_command_line);
+        assert!(!cli.beats_per_bar_on_command_line);
+        let cli = Cli::parse_args_from(["conductor", "--beats-per-bar=3"]).unwrap();
+        assert!(!cli.bpm_on_command_line);
+        assert!(cli.beats_per_bar_on_command_line);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::cluster::{ClusterFault, Outcome};
 use crate::lead::{LeadPolicy, RoundTrips};
 use crate::protocol::{
     self, ClientError, HelloData, Outgoing, TickData, TimelineData, TransportData,
@@ -42,6 +43,11 @@ pub const MAX_CLIENT_CHANGES_PER_SEC: u32 = 5;
 pub const CLUSTER_JOIN_WAIT_NS: u64 = 2_000_000_000;
 /// A new room's first tick is this far after its creation.
 const FIRST_TICK_DELAY_NS: u64 = 1_000_000;
+/// Control requests waiting for the cluster thread at most (its ring holds 64).
+pub const MAX_PENDING_ASKS: usize = 64;
+/// How long a control request may wait for the cluster thread before it is refused (Redis
+/// calls time out after 2 s; this never happens unless the thread is stuck).
+pub const ASK_TIMEOUT_NS: u64 = 10_000_000_000;
 
 /// The settings the hub decides by.
 #[derive(Clone, Debug)]
@@ -83,13 +89,16 @@ pub enum ClusterAsk {
         name: RoomName,
         seed: Timeline,
     },
-    /// Plan `change` over the shared timeline, `lead_ns` ahead, and write it.
+    /// Plan `change` over the shared timeline, `lead_ns` ahead, and write it; answer `id`.
     Change {
+        id: u64,
         room: RoomKey,
         name: RoomName,
         change: Change,
         lead_ns: u64,
     },
+    /// Whether this instance has clients in the room (it keeps the shared state alive).
+    Occupied { room: RoomKey, occupied: bool },
     /// This instance dropped the room (it idled out here).
     Close { room: RoomKey, name: RoomName },
 }
@@ -111,6 +120,33 @@ pub enum Effect {
     Cluster(ClusterAsk),
     /// Rooms' state changed: hand [`Hub::persisted`] to the state file's writer.
     Persist,
+    /// How control request `ask` (one handed to the cluster, [`Decision::Asked`]) ended, for
+    /// `client` to hear: through its Socket.IO callback, or an `error` event on failure.
+    Answer {
+        ask: u64,
+        client: ClientId,
+        result: Result<(), ClientError>,
+    },
+}
+
+/// What became of an accepted control request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Decided here: the change is announced (or the sender confirmed); nothing follows.
+    Done,
+    /// Handed to the cluster thread as ask `id`: an [`Effect::Answer`] follows.
+    Asked(u64),
+}
+
+/// A control request the cluster thread has yet to answer.
+#[derive(Clone, Copy, Debug)]
+struct PendingAsk {
+    id: u64,
+    client: ClientId,
+    room: RoomKey,
+    /// A tempo change (else a transport change): what an `Unchanged` confirms.
+    tempo: bool,
+    asked_ns: u64,
 }
 
 /// Why a client could not join.
@@ -195,8 +231,9 @@ struct Room {
     timeline: Timeline,
     /// What the timing stream has announced (`None` until the room's first announcement).
     announced: Option<Timeline>,
-    /// The last tick emitted, and the tempo it was at.
+    /// The last tick emitted, and the tempo it was at, and when it was taken.
     count: u64,
+    last_tick_ns: u64,
     sounding_bpm: Bpm,
     members: Vec<ClientId>,
     /// False while a room new to this instance waits for its cluster's timeline: its members
@@ -313,6 +350,11 @@ pub struct Hub {
     clients: Slots<Member>,
     main: RoomKey,
     cluster_connected: bool,
+    /// Why the cluster's Redis is not usable, when it is not.
+    cluster_fault: Option<ClusterFault>,
+    /// Control requests the cluster thread has yet to answer.
+    asks: Vec<PendingAsk>,
+    next_ask: u64,
     /// Totals over every room, dropped ones included.
     tempo_changes: u64,
     transport_changes: u64,
@@ -340,6 +382,9 @@ impl Hub {
                 generation: 0,
             },
             cluster_connected: false,
+            cluster_fault: None,
+            asks: Vec::new(),
+            next_ask: 1,
             tempo_changes: 0,
             transport_changes: 0,
         };
@@ -377,13 +422,16 @@ impl Hub {
             self.unix(now_ns) + FIRST_TICK_DELAY_NS,
         );
         let timeline = timeline.unwrap_or(fresh);
-        let ready = restored || !self.cfg.clustered;
+        // In a cluster every room, `main` and saved ones too, waits for its shared timeline:
+        // it wins over what this instance had (the saved one is only the seed).
+        let ready = !self.cfg.clustered;
         let made = self.rooms.insert(|slot, generation| Room {
             key: RoomKey { slot, generation },
             name: name.clone(),
             timeline,
             announced: None,
             count: 0,
+            last_tick_ns: now_ns,
             sounding_bpm: timeline.bpm,
             members: Vec::new(),
             ready,
@@ -483,6 +531,12 @@ impl Hub {
         let client = ClientId { slot, generation };
         room.members.push(client);
         room.empty_since_ns = None;
+        if room.members.len() == 1 && self.cfg.clustered {
+            fx.push(Effect::Cluster(ClusterAsk::Occupied {
+                room: key,
+                occupied: true,
+            }));
+        }
         if room.ready {
             self.greet(client, now_ns, fx);
         }
@@ -535,13 +589,22 @@ impl Hub {
         });
     }
 
-    /// A client left (closed, or disconnected its namespace).
-    pub fn leave(&mut self, client: ClientId, now_ns: u64) {
+    /// A client left (closed, or disconnected its namespace). Its requests still with the
+    /// cluster are forgotten: their ids are returned.
+    pub fn leave(&mut self, client: ClientId, now_ns: u64, fx: &mut Vec<Effect>) -> Vec<u64> {
         let Some(member) = self.clients.remove(client.slot, client.generation) else {
-            return;
+            return Vec::new();
         };
+        let mut forgotten = Vec::new();
+        self.asks.retain(|a| {
+            let mine = a.client == client;
+            if mine {
+                forgotten.push(a.id);
+            }
+            !mine
+        });
         let Some(room) = self.rooms.get_mut(member.room.slot, member.room.generation) else {
-            return;
+            return forgotten;
         };
         let at = member.at;
         if room.members.get(at) == Some(&client) {
@@ -554,7 +617,14 @@ impl Hub {
         }
         if room.members.is_empty() {
             room.empty_since_ns = Some(now_ns);
+            if self.cfg.clustered {
+                fx.push(Effect::Cluster(ClusterAsk::Occupied {
+                    room: room.key,
+                    occupied: false,
+                }));
+            }
         }
+        forgotten
     }
 
     /// The room a client is in.
@@ -621,22 +691,57 @@ impl Hub {
         self.cfg.lead.lead_ns(self.worst_rtt_ns(room))
     }
 
-    /// The cluster thread's connection state: control is refused while Redis is away.
-    pub fn set_cluster_connected(&mut self, connected: bool) {
+    /// The cluster thread's state: control is refused, saying why, while Redis is not usable.
+    pub fn set_cluster_status(&mut self, connected: bool, fault: Option<ClusterFault>) {
         self.cluster_connected = connected;
+        self.cluster_fault = fault;
     }
 
-    /// A control request from `client`. `Ok` means accepted (announced to the room once
-    /// decided, or confirmed to the sender alone when it changes nothing).
+    /// The cluster thread's outcome for ask `id`: the asker hears it, whatever it was.
+    pub fn cluster_answer(&mut self, id: u64, outcome: Outcome, fx: &mut Vec<Effect>) {
+        let Some(i) = self.asks.iter().position(|a| a.id == id) else {
+            return;
+        };
+        let ask = self.asks.swap_remove(i);
+        let result = match outcome {
+            Outcome::Applied => Ok(()),
+            Outcome::Unchanged => {
+                // Already so: confirm to the asker alone, as without a cluster.
+                if let Some(room) = self.rooms.get(ask.room.slot, ask.room.generation) {
+                    let confirm = if ask.tempo {
+                        protocol::bpm_change(room.timeline.bpm)
+                    } else {
+                        protocol::transport(&transport_data(&room.timeline))
+                    };
+                    fx.push(Effect::Reply {
+                        client: ask.client,
+                        event: confirm,
+                    });
+                }
+                Ok(())
+            }
+            Outcome::Failed(fault) => Err(ClientError::ClusterUnavailable(fault.describe())),
+            Outcome::Lost => Err(ClientError::Busy),
+        };
+        fx.push(Effect::Answer {
+            ask: ask.id,
+            client: ask.client,
+            result,
+        });
+    }
+
+    /// A control request from `client`. `Ok` means accepted: announced to the room once
+    /// decided, or confirmed to the sender alone when it changes nothing; in a cluster, its
+    /// outcome follows as an [`Effect::Answer`] ([`Decision::Asked`]).
     pub fn control(
         &mut self,
         client: ClientId,
         request: Control,
         now_ns: u64,
         fx: &mut Vec<Effect>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Decision, ClientError> {
         let Some(member) = self.clients.get(client.slot, client.generation) else {
-            return Ok(());
+            return Ok(Decision::Done);
         };
         if !member.may_control {
             return Err(ClientError::Unauthorized);
@@ -653,7 +758,7 @@ impl Hub {
         };
         let unix_now = self.unix(now_ns);
         let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
-            return Ok(());
+            return Ok(Decision::Done);
         };
         if !room.ready {
             // Still waiting for the cluster's timeline: nothing to plan on yet.
@@ -671,17 +776,21 @@ impl Hub {
                 client,
                 event: confirm,
             });
-            return Ok(());
+            return Ok(Decision::Done);
         }
         if self.cfg.clustered && !self.cluster_connected {
-            return Err(ClientError::ClusterUnavailable);
+            let fault = self.cluster_fault.unwrap_or(ClusterFault::Unreachable);
+            return Err(ClientError::ClusterUnavailable(fault.describe()));
+        }
+        if self.cfg.clustered && self.asks.len() >= MAX_PENDING_ASKS {
+            return Err(ClientError::Busy);
         }
         let member_has_room = self
             .clients
             .get_mut(client.slot, client.generation)
             .is_some_and(|m| m.changes.has_room(now_ns));
         let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
-            return Ok(());
+            return Ok(Decision::Done);
         };
         if !member_has_room || !room.changes.has_room(now_ns) {
             return Err(ClientError::Busy);
@@ -693,17 +802,28 @@ impl Hub {
         // A change: the lead from every member's round trips, measured now.
         let lead = self.lead_ns(key);
         let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
-            return Ok(());
+            return Ok(Decision::Done);
         };
         if self.cfg.clustered {
-            // The cluster thread plans it again over the shared timeline, which may be newer.
+            // The cluster thread plans it again over the shared timeline, which may be newer,
+            // and answers; the asker hears the outcome then.
+            let id = self.next_ask;
+            self.next_ask += 1;
+            self.asks.push(PendingAsk {
+                id,
+                client,
+                room: key,
+                tempo: matches!(change, Change::SetBpm(_)),
+                asked_ns: now_ns,
+            });
             fx.push(Effect::Cluster(ClusterAsk::Change {
+                id,
                 room: key,
                 name: room.name.clone(),
                 change,
                 lead_ns: lead,
             }));
-            return Ok(());
+            return Ok(Decision::Asked(id));
         }
         match plan(&room.timeline, change, unix_now, lead) {
             Planned::Changed(next) => self.decide(key, next, fx),
@@ -712,7 +832,7 @@ impl Hub {
             }
             Planned::Unchanged => {}
         }
-        Ok(())
+        Ok(Decision::Done)
     }
 
     /// Makes `next` the room's timeline: the timing thread follows it and announces it.
@@ -763,6 +883,7 @@ impl Hub {
                     return;
                 };
                 room.count = tick.count;
+                room.last_tick_ns = now_ns;
                 room.sounding_bpm = tick.bpm;
                 let plays = room
                     .announced
@@ -825,7 +946,8 @@ impl Hub {
             }
             TimingEvent::Dropped { .. }
             | TimingEvent::Soon { .. }
-            | TimingEvent::Skipped { .. } => {}
+            | TimingEvent::Skipped { .. }
+            | TimingEvent::Exhausted { .. } => {}
         }
     }
 
@@ -852,12 +974,28 @@ impl Hub {
         self.decide(key, shared, fx);
     }
 
+    /// Whether a room is ticking (not waiting for its cluster's timeline).
+    pub fn is_ready(&self, key: RoomKey) -> bool {
+        self.rooms
+            .get(key.slot, key.generation)
+            .is_some_and(|r| r.ready)
+    }
+
+    /// Starts a room that waits for its cluster's timeline on its own (the cluster did not
+    /// answer in time); it adopts the shared timeline when that comes.
+    pub fn start_waiting(&mut self, key: RoomKey, now_ns: u64, fx: &mut Vec<Effect>) {
+        if !self.is_ready(key) {
+            self.make_ready(key, now_ns, fx);
+        }
+    }
+
     /// A room that waited for its cluster's timeline starts ticking, and greets its members.
     fn make_ready(&mut self, key: RoomKey, now_ns: u64, fx: &mut Vec<Effect>) {
         let Some(room) = self.rooms.get_mut(key.slot, key.generation) else {
             return;
         };
         room.ready = true;
+        room.last_tick_ns = now_ns;
         fx.push(Effect::Timing(TimingCommand::Add {
             room: key,
             timeline: room.timeline,
@@ -872,6 +1010,26 @@ impl Hub {
     /// Periodic duties: drops rooms idle for `--room-idle` (never `main`), starts rooms whose
     /// cluster did not answer in time, and runs deferred changes that are due.
     pub fn housekeeping(&mut self, now_ns: u64, fx: &mut Vec<Effect>) {
+        // Requests the cluster thread has not answered in time are refused, not left hanging.
+        let late: Vec<PendingAsk> = self
+            .asks
+            .iter()
+            .filter(|a| now_ns.saturating_sub(a.asked_ns) >= ASK_TIMEOUT_NS)
+            .copied()
+            .collect();
+        if !late.is_empty() {
+            self.asks
+                .retain(|a| now_ns.saturating_sub(a.asked_ns) < ASK_TIMEOUT_NS);
+            for ask in late {
+                fx.push(Effect::Answer {
+                    ask: ask.id,
+                    client: ask.client,
+                    result: Err(ClientError::ClusterUnavailable(
+                        "did not answer the request in time",
+                    )),
+                });
+            }
+        }
         let worst: Vec<(RoomKey, Option<u64>)> = self
             .rooms
             .iter()
@@ -930,6 +1088,22 @@ impl Hub {
             .collect();
         rooms.sort_by(|a, b| a.0.cmp(&b.0));
         rooms
+    }
+
+    /// How long the quietest playing room has gone without a tick, when that is long enough
+    /// to call the server degraded ([`crate::stats::silence`]): a server that answers but
+    /// sends nothing is not healthy.
+    pub fn silent_for(&self, now_ns: u64) -> Option<std::time::Duration> {
+        self.rooms
+            .iter()
+            .filter(|r| r.ready)
+            .filter_map(|r| {
+                let t = r.announced.unwrap_or(r.timeline);
+                let playing = t.transport.plays(r.count.saturating_add(1));
+                let since = std::time::Duration::from_nanos(now_ns.saturating_sub(r.last_tick_ns));
+                crate::stats::silence(since, t.grid().interval_ns(), playing)
+            })
+            .max()
     }
 
     /// Figures for one room.
@@ -1073,7 +1247,7 @@ mod tests {
         fn control(&mut self, client: ClientId, c: Control) -> Result<Vec<Effect>, ClientError> {
             let r = self.hub.control(client, c, self.now, &mut self.fx);
             let fx = self.settle();
-            r.map(|()| fx)
+            r.map(|_| fx)
         }
 
         fn tick(&mut self, room: RoomKey, count: u64) -> Vec<Effect> {
@@ -1307,7 +1481,7 @@ mod tests {
         let lead_us = stop["time_us"].as_u64().unwrap() - (EPOCH + 20 * S) / 1_000;
         assert!(lead_us >= 450_000, "stop {lead_us} µs ahead");
         // The far client leaves: the lead shrinks back.
-        w.hub.leave(far, w.now);
+        w.hub.leave(far, w.now, &mut w.fx);
         assert_eq!(w.hub.lead_ns(main), 152 * MS);
         // Bounded however far a member is.
         w.hub.round_trip(near, 10 * S);
@@ -1386,8 +1560,8 @@ mod tests {
         w.settle();
         let ka = w.hub.room_of(a).unwrap();
         w.now = S;
-        w.hub.leave(a, w.now);
-        w.hub.leave(m, w.now);
+        w.hub.leave(a, w.now, &mut w.fx);
+        w.hub.leave(m, w.now, &mut w.fx);
         w.now = 2 * S;
         w.hub.housekeeping(w.now, &mut w.fx);
         assert!(w.settle().is_empty(), "not idle long enough");
@@ -1395,7 +1569,7 @@ mod tests {
         let again = w.join(Some("a"), &[]);
         w.settle();
         w.now = 4 * S;
-        w.hub.leave(again, w.now);
+        w.hub.leave(again, w.now, &mut w.fx);
         w.hub.housekeeping(5 * S, &mut w.fx);
         assert!(w.settle().is_empty());
         w.now = 6 * S;
@@ -1421,17 +1595,17 @@ mod tests {
     fn members_stay_listed_as_others_leave() {
         let mut w = World::new(config());
         let c: Vec<ClientId> = (0..5).map(|_| w.join(None, &[])).collect();
-        w.hub.leave(c[1], 0);
-        w.hub.leave(c[3], 0);
+        w.hub.leave(c[1], 0, &mut w.fx);
+        w.hub.leave(c[3], 0, &mut w.fx);
         let mut left: Vec<ClientId> = w.hub.members(w.hub.main()).to_vec();
         left.sort_by_key(|c| c.slot);
         assert_eq!(left, [c[0], c[2], c[4]]);
-        w.hub.leave(c[4], 0);
-        w.hub.leave(c[0], 0);
+        w.hub.leave(c[4], 0, &mut w.fx);
+        w.hub.leave(c[0], 0, &mut w.fx);
         assert_eq!(w.hub.members(w.hub.main()), [c[2]]);
         assert_eq!(w.hub.clients(), 1);
         // A stale id does nothing.
-        w.hub.leave(c[4], 0);
+        w.hub.leave(c[4], 0, &mut w.fx);
         assert_eq!(w.hub.clients(), 1);
     }
 
@@ -1463,7 +1637,7 @@ mod tests {
         let mut cfg = config();
         cfg.clustered = true;
         let mut w = World::new(cfg);
-        w.hub.set_cluster_connected(true);
+        w.hub.set_cluster_status(true, None);
         w.fx.clear();
         let a = w.join(Some("a"), &[]);
         let fx = w.settle();
@@ -1495,21 +1669,67 @@ mod tests {
         // A repeat is still confirmed here, without Redis.
         let fx = w.control(a, Control::SetBpm(99.0)).unwrap();
         assert_eq!(replies(&fx, a).len(), 1);
-        w.hub.set_cluster_connected(false);
+        w.hub
+            .set_cluster_status(false, Some(ClusterFault::OutOfMemory));
         assert_eq!(
             w.control(a, Control::Stop).unwrap_err(),
-            ClientError::ClusterUnavailable
+            ClientError::ClusterUnavailable(ClusterFault::OutOfMemory.describe())
         );
         // A room whose cluster never answers starts on its own after the wait.
-        w.hub.set_cluster_connected(true);
+        w.hub.set_cluster_status(true, None);
         let b = w.join(Some("b"), &[]);
         w.settle();
         w.now += CLUSTER_JOIN_WAIT_NS;
         w.hub.housekeeping(w.now, &mut w.fx);
         let fx = w.settle();
         assert_eq!(json(replies(&fx, b)[0])["bpm"], 120);
+        // The cluster's answers reach the asker: a repeat the shared timeline already had is
+        // confirmed, a failure named.
+        let ask = |w: &mut World, c: Control| {
+            let fx = w.control(a, c).unwrap();
+            fx.iter()
+                .find_map(|e| match e {
+                    Effect::Cluster(ClusterAsk::Change { id, .. }) => Some(*id),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let id = ask(&mut w, Control::SetBpm(101.0));
+        w.hub.cluster_answer(id, Outcome::Unchanged, &mut w.fx);
+        let fx = w.settle();
+        assert_eq!(replies(&fx, a)[0].name, "bpmChange");
+        assert!(fx.contains(&Effect::Answer {
+            ask: id,
+            client: a,
+            result: Ok(())
+        }));
+        let id = ask(&mut w, Control::SetBpm(102.0));
+        w.hub
+            .cluster_answer(id, Outcome::Failed(ClusterFault::WrongType), &mut w.fx);
+        let fx = w.settle();
+        assert!(matches!(
+            &fx[..],
+            [Effect::Answer { result: Err(ClientError::ClusterUnavailable(why)), .. }] if why.contains("another type")
+        ));
+        // Unanswered for 10 s: refused, not left hanging.
+        let id = ask(&mut w, Control::SetBpm(103.0));
+        w.now += ASK_TIMEOUT_NS;
+        w.hub.housekeeping(w.now, &mut w.fx);
+        let fx = w.settle();
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Answer { ask, result: Err(_), .. } if *ask == id))
+        );
+        // A client that leaves takes its pending requests with it.
+        w.now += 1_000_000_000;
+        let id = ask(&mut w, Control::SetBpm(104.0));
+        assert_eq!(w.hub.leave(a, w.now, &mut w.fx), [id]);
+        let left = w.settle();
+        w.hub.cluster_answer(id, Outcome::Applied, &mut w.fx);
+        let fx = w.settle();
+        assert!(fx.is_empty(), "{fx:?} after leaving ({left:?})");
         // An idle room is closed on the cluster too.
-        w.hub.leave(b, w.now);
+        w.hub.leave(b, w.now, &mut w.fx);
         w.hub.housekeeping(w.now + 600 * S, &mut w.fx);
         let fx = w.settle();
         assert!(

@@ -27,6 +27,10 @@
 //!   the loop measures and reports.
 //! * [`cluster`] exists only with `--cluster`: a thread that shares the timeline with other
 //!   instances through Redis and hands the loop timelines to adopt.
+//! * [`state`] keeps tempo, transport and timeline across a restart: the loop hands each change
+//!   to a writer thread, which writes the state file atomically.
+//! * [`page_worker`] is a thread for the HTTP answers too slow for the loop: `--www` files
+//!   ([`www`]) and QR codes ([`join`], which also finds the LAN addresses phones join at).
 
 pub mod assets;
 pub mod clock;
@@ -34,20 +38,21 @@ pub mod cluster;
 pub mod config;
 pub mod deadlines;
 pub mod hub;
+pub mod join;
 pub mod lead;
 pub mod metrics;
 pub mod net;
+pub mod page_worker;
 pub mod room;
 pub mod room_timing;
 pub mod rt;
-pub mod server;
-pub mod session;
+pub mod state;
 pub mod stats;
 pub mod tempo;
 pub mod timeline;
-pub mod timing;
 pub mod transport;
 pub mod wire;
+pub mod www;
 
 // The codecs moved under `wire`, the connection under `net`; their old paths stay valid.
 pub use net::connection;

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
+use crate::cluster::ClusterFault;
 use crate::hub::RoomReport;
 use crate::stats::{ClientKind, CloseReason, Percentiles, RefuseReason, Snapshot};
 use crate::tempo::Bpm;
@@ -227,8 +228,15 @@ pub fn table(s: &Snapshot, rooms: &[RoomReport], metrics_rooms: usize) -> Vec<Me
             "dropped_ticks",
             "dropped_ticks_total",
             Counter,
-            "Ticks lost because the event loop stalled.",
+            "Ticks no client got: the event loop stalled, or the timing thread fell behind.",
             U(s.dropped_ticks),
+        ),
+        row(
+            "skipped_ticks",
+            "skipped_ticks_total",
+            Counter,
+            "Ticks the timing thread skipped after falling behind, rather than send them at once.",
+            U(s.skipped_ticks),
         ),
         row(
             "messages_sent",
@@ -312,7 +320,7 @@ pub fn table(s: &Snapshot, rooms: &[RoomReport], metrics_rooms: usize) -> Vec<Me
             "healthy",
             Gauge,
             "1 unless the server is degraded (see /healthz).",
-            Bool(st.degraded().is_none()),
+            Bool(st.degraded(s.silent_for).is_none()),
         ),
         Metric {
             json: Some("version"),
@@ -337,8 +345,39 @@ pub fn table(s: &Snapshot, rooms: &[RoomReport], metrics_rooms: usize) -> Vec<Me
                 "cluster.connected",
                 "cluster_connected",
                 Gauge,
-                "1 while the cluster's Redis answers.",
+                "1 while the cluster's Redis answers and takes writes.",
                 Bool(c.connected),
+            ));
+            t.push(Metric {
+                json: Some("cluster.error"),
+                prom: None,
+                kind: Gauge,
+                help: "What is wrong with the cluster's Redis, if anything, as text. (In /metrics: cluster_error.)",
+                prom_divisor: 1.0,
+                reading: Reading::One(
+                    c.fault
+                        .map_or(Scalar::Missing, |f| Scalar::Text(f.label().into())),
+                ),
+            });
+            let mut errors = labelled(
+                "cluster.error",
+                "cluster_error",
+                Gauge,
+                "1 for what is wrong with the cluster's Redis, if anything. (In /stats: cluster.error.)",
+                "error",
+                ClusterFault::ALL
+                    .iter()
+                    .map(|f| (f.label().to_string(), Bool(c.fault == Some(*f))))
+                    .collect(),
+            );
+            errors.json = None;
+            t.push(errors);
+            t.push(row(
+                "cluster.timelines_refused",
+                "cluster_timelines_refused_total",
+                Counter,
+                "Timelines read from Redis that were refused (out of limits, corrupt) and repaired.",
+                U(c.timelines_refused),
             ));
             t.push(row(
                 "cluster.peers",
@@ -677,6 +716,8 @@ mod tests {
             transport_count: 16,
             uptime_s: 5.2504,
             dropped_ticks: 2,
+            skipped_ticks: 1,
+            silent_for: None,
             cluster,
             stats: st,
         }
@@ -704,10 +745,12 @@ mod tests {
         let clusters = [
             None,
             Some(ClusterStatus {
-                connected: true,
+                connected: false,
+                fault: Some(ClusterFault::OutOfMemory),
                 peers: 2,
                 version: 9,
                 last_lead_ms: Some(240.5),
+                timelines_refused: 3,
             }),
         ];
         for cluster in clusters {

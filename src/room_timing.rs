@@ -38,18 +38,29 @@ use crate::room::RoomKey;
 use crate::rt;
 use crate::tempo::{Bpm, TickSchedule};
 use crate::timeline::Timeline;
-use crate::timing::Realtime;
 
 /// How far ahead of a deadline the thread stops parking and hands over to `spin_sleep`.
 const COARSE_MARGIN: Duration = Duration::from_millis(2);
-/// A room more than this many ticks behind (the thread was held up) skips ahead to the
-/// present instead of firing the missed ticks back to back...
-pub const MAX_BEHIND: u64 = 4;
-/// ...when it is also this late. At thousands of ticks a second a few ticks are a scheduling
-/// hiccup that a catch-up repairs without a gap (a busy 2-core machine starved the thread for
-/// 250 ms, and the tests at 3,200 ticks a second must see no gap); what must never happen is
-/// an unbounded burst, and a catch-up is at most a second's ticks.
-pub const SKIP_AFTER_NS: u64 = 1_000_000_000;
+/// Overdue ticks from which a room skips to the present instead of catching up. Fewer are
+/// sent late: one or two ticks behind is the ordinary cost of a scheduling hiccup.
+pub const SKIP_BEHIND: u64 = 3;
+/// How late the oldest overdue tick must be, too, before anything is skipped: at fast tick
+/// rates a few milliseconds' hiccup is several ticks, better sent a little late (each carries
+/// its own time) than dropped. So a catch-up burst never spans more than this.
+pub const SKIP_LATE_NS: u64 = 50_000_000;
+
+/// What to do about ticks whose deadlines have passed: `None` to emit `next` (late, or on
+/// time), or the count to skip to when [`SKIP_BEHIND`] or more are overdue at `now`, the
+/// oldest by [`SKIP_LATE_NS`] or more. That count is the first one not yet due, so the
+/// skipped ticks are never emitted back to back to make up for lost time. Pure, so the rule
+/// is tested without a thread or a clock.
+pub fn catch_up(schedule: &TickSchedule, next: u64, now_ns: u64) -> Option<u64> {
+    let late = now_ns.saturating_sub(schedule.deadline_ns(next));
+    // Ticks `next..first_future` are due (deadline at or before now).
+    let first_future = schedule.first_count_at_or_after(now_ns.saturating_add(1));
+    let overdue = first_future.saturating_sub(next);
+    (overdue >= SKIP_BEHIND && late >= SKIP_LATE_NS).then_some(first_future)
+}
 /// Commands the ring holds: control changes are rate-limited per room, so this is plenty.
 const COMMAND_RING: usize = 4096;
 /// The timing thread needs little stack; a small one keeps RSS down.
@@ -93,11 +104,18 @@ pub enum TimingEvent {
     Dropped {
         room: RoomKey,
     },
-    /// The thread was held up and `room` skipped `ticks` ticks rather than firing them late
-    /// and back to back. They count as dropped.
+    /// The thread fell [`SKIP_BEHIND`] or more ticks behind and `room` skipped `ticks` ticks
+    /// rather than fire them late and back to back: the next one is `to`, on time. They count
+    /// as dropped.
     Skipped {
         room: RoomKey,
         ticks: u64,
+        to: u64,
+    },
+    /// `room`'s count reached `u64::MAX` and cannot advance: no ticks until it gets a new
+    /// timeline.
+    Exhausted {
+        room: RoomKey,
     },
 }
 
@@ -120,6 +138,19 @@ pub enum TimingCommand {
         room: RoomKey,
     },
     Stop,
+}
+
+/// Real-time requests for the thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Realtime {
+    /// `SCHED_FIFO` priority, or 0 to stay on the normal scheduler.
+    pub fifo_priority: i32,
+    /// How long before a deadline to wake the event loop, so it is already running when the
+    /// tick arrives (0 = wake it with the tick).
+    pub prewake: Duration,
+    /// How much of the final stretch to spin rather than sleep. On a virtual machine an idle
+    /// vCPU that halts can take milliseconds to resume; spinning keeps it running.
+    pub spin: Duration,
 }
 
 /// Settings for the thread.
@@ -167,8 +198,7 @@ struct RoomClock {
 }
 
 impl RoomClock {
-    /// Promotes a pending schedule whose anchor count has come, then gives the next deadline
-    /// (`None` once the count can go no further).
+    /// Promotes a pending schedule whose anchor count has come, then gives the next deadline.
     fn next_deadline(&mut self) -> Option<u64> {
         if let Some(pending) = self.pending
             && self.next >= pending.anchor_count()
@@ -176,7 +206,7 @@ impl RoomClock {
             self.schedule = pending;
             self.pending = None;
         }
-        (self.next < u64::MAX).then(|| self.schedule.deadline_ns(self.next))
+        Some(self.schedule.deadline_ns(self.next))
     }
 
     /// The grid in force at `count`.
@@ -209,7 +239,7 @@ impl Scheduler {
             heap: DeadlineHeap::with_capacity(max_rooms),
             epoch_unix_ns,
             // Per room, one catch-up run of ticks and a skip; plus commands' events.
-            batch: Vec::with_capacity(max_rooms * (MAX_BEHIND as usize + 3) + 64),
+            batch: Vec::with_capacity(max_rooms * (SKIP_BEHIND as usize + 3) + 64),
             skipped: 0,
         }
     }
@@ -331,12 +361,10 @@ impl Scheduler {
         true
     }
 
-    /// Emits the tick of every room due at or before `now_ns` (a room behind by a tick or two
-    /// catches up; one more than [`MAX_BEHIND`] behind skips ahead). `stamp` gives each
-    /// tick's emission time. Returns how many ticks were emitted.
-    ///
-    /// (A room catching up emits its missed ticks in this batch, back to back; there are
-    /// never more than about [`SKIP_AFTER_NS`] of them.)
+    /// Emits the tick of every room due at or before `now_ns`: a room a tick or two behind
+    /// catches up; one further behind skips to the present ([`catch_up`]); one whose count
+    /// cannot advance stops ([`TimingEvent::Exhausted`]). `stamp` gives each tick's emission
+    /// time. Returns how many ticks were emitted.
     pub fn emit_due(&mut self, now_ns: u64, stamp: &mut dyn FnMut() -> u64) -> usize {
         let mut emitted = 0;
         while let Some((deadline, slot)) = self.heap.peek() {
@@ -347,36 +375,39 @@ impl Scheduler {
                 self.heap.remove(slot);
                 continue;
             };
+            let room = clock.key;
+            if let Some(to) = catch_up(clock.grid_at(clock.next), clock.next, now_ns) {
+                // Behind by several ticks: skip them rather than fire them all at once.
+                let ticks = to - clock.next;
+                clock.next = to;
+                let next = clock.next_deadline();
+                self.skipped += ticks;
+                self.batch.push(TimingEvent::Skipped { room, ticks, to });
+                match next {
+                    Some(d) => self.heap.set(slot, d),
+                    None => self.heap.remove(slot).is_some(),
+                };
+                continue;
+            }
             let tick = RoomTick {
-                room: clock.key,
+                room,
                 count: clock.next,
                 deadline_ns: deadline,
                 emitted_ns: stamp(),
                 bpm: clock.schedule.bpm(),
             };
-            clock.next = clock.next.saturating_add(1);
-            let mut next = clock.next_deadline();
-            let mut skipped = 0;
-            if let Some(d) = next {
-                let present = clock.grid_at(clock.next).first_count_at_or_after(now_ns);
-                if now_ns.saturating_sub(d) > SKIP_AFTER_NS
-                    && present.saturating_sub(clock.next) > MAX_BEHIND
-                {
-                    skipped = present - clock.next;
-                    clock.next = present;
-                    next = clock.next_deadline();
-                }
-            }
-            let room = clock.key;
             self.batch.push(TimingEvent::Tick(tick));
             emitted += 1;
-            if skipped > 0 {
-                self.skipped += skipped;
-                self.batch.push(TimingEvent::Skipped {
-                    room,
-                    ticks: skipped,
-                });
-            }
+            let next = match clock.next.checked_add(1) {
+                Some(next) => {
+                    clock.next = next;
+                    clock.next_deadline()
+                }
+                None => {
+                    self.batch.push(TimingEvent::Exhausted { room });
+                    None
+                }
+            };
             match next {
                 Some(d) => self.heap.set(slot, d),
                 None => self.heap.remove(slot).is_some(),
@@ -456,7 +487,8 @@ impl Outlet {
             TimingEvent::Tick(t) => Some(t.room.slot),
             TimingEvent::Timeline { room, .. }
             | TimingEvent::Dropped { room }
-            | TimingEvent::Skipped { room, .. } => Some(room.slot),
+            | TimingEvent::Skipped { room, .. }
+            | TimingEvent::Exhausted { room } => Some(room.slot),
             TimingEvent::Soon { .. } => None,
         };
         let behind = slot
@@ -482,7 +514,9 @@ impl Outlet {
                 true
             }
             TimingEvent::Tick(_) => false,
-            TimingEvent::Soon { .. } | TimingEvent::Skipped { .. } => true,
+            TimingEvent::Soon { .. }
+            | TimingEvent::Skipped { .. }
+            | TimingEvent::Exhausted { .. } => true,
         }
     }
 
@@ -502,8 +536,10 @@ pub type TimingEvents = Consumer<TimingEvent>;
 pub struct TimingThread {
     commands: Producer<TimingCommand>,
     handle: JoinHandle<()>,
-    /// Ticks the thread could not hand over (a consumer's ring was full) or skipped.
+    /// Ticks the thread could not hand over (a consumer's ring was full).
     dropped: Arc<AtomicU64>,
+    /// Ticks skipped because the thread fell behind (see [`catch_up`]).
+    skipped: Arc<AtomicU64>,
 }
 
 impl TimingThread {
@@ -516,6 +552,7 @@ impl TimingThread {
     ) -> io::Result<(TimingThread, Vec<TimingEvents>)> {
         let (commands, command_rx) = RingBuffer::new(COMMAND_RING);
         let dropped = Arc::new(AtomicU64::new(0));
+        let skipped = Arc::new(AtomicU64::new(0));
         let mut consumers = Vec::with_capacity(wakers.len());
         let mut outlets = Vec::with_capacity(wakers.len());
         for waker in wakers {
@@ -535,6 +572,7 @@ impl TimingThread {
             commands: command_rx,
             outlets,
             dropped: Arc::clone(&dropped),
+            skipped: Arc::clone(&skipped),
             prewake_ns: u64::try_from(cfg.realtime.prewake.as_nanos()).unwrap_or(0),
             spin: cfg.realtime.spin,
             last_deadline: None,
@@ -559,6 +597,7 @@ impl TimingThread {
                 commands,
                 handle,
                 dropped,
+                skipped,
             },
             consumers,
         ))
@@ -572,8 +611,14 @@ impl TimingThread {
         sent
     }
 
+    /// Ticks no client got: a consumer's ring was full, or the thread skipped them.
     pub fn dropped_ticks(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed) + self.skipped_ticks()
+    }
+
+    /// Of those, the ticks skipped because the thread fell behind.
+    pub fn skipped_ticks(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     /// Stops the thread and waits for it.
@@ -618,6 +663,7 @@ struct Runner {
     commands: Consumer<TimingCommand>,
     outlets: Vec<Outlet>,
     dropped: Arc<AtomicU64>,
+    skipped: Arc<AtomicU64>,
     prewake_ns: u64,
     spin: Duration,
     /// The deadline of the last batch: the gap to the next one bounds spinning and pre-wake.
@@ -716,8 +762,11 @@ impl Runner {
         *self.scheduler.batch() = batch;
         let skipped = self.scheduler.skipped() - self.reported_skipped;
         self.reported_skipped = self.scheduler.skipped();
-        if lost + skipped > 0 {
-            self.dropped.fetch_add(lost + skipped, Ordering::Relaxed);
+        if lost > 0 {
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+        }
+        if skipped > 0 {
+            self.skipped.fetch_add(skipped, Ordering::Relaxed);
         }
         self.wake_all();
     }
@@ -954,22 +1003,110 @@ mod tests {
             0,
         );
         s.batch().clear();
-        // Two ticks late: 0, 1, 2 back to back.
-        s.emit_due(250 * MS, &mut || 250 * MS);
+        // Two ticks overdue: 0 and 1 back to back.
+        s.emit_due(200 * MS, &mut || 200 * MS);
         assert_eq!(
             ticks(s.batch()).iter().map(|t| t.1).collect::<Vec<_>>(),
-            [0, 1, 2]
+            [0, 1]
         );
         s.batch().clear();
-        // Then held up for 2 s: tick 3 goes out late, and the room jumps to the present
-        // (tick 19 at 2.375 s) instead of firing 15 ticks at once.
+        // Then held up for 2 s: the room jumps to the present (tick 19 at 2.375 s) instead
+        // of firing 17 ticks at once; none goes out late.
         let now = 2_300 * MS;
         s.emit_due(now, &mut || now);
         let batch: Vec<TimingEvent> = s.batch().drain(..).collect();
-        assert_eq!(ticks(&batch).iter().map(|t| t.1).collect::<Vec<_>>(), [3]);
-        assert_eq!(batch[1], TimingEvent::Skipped { room: a, ticks: 15 });
-        assert_eq!(s.skipped(), 15);
+        assert_eq!(
+            batch,
+            [TimingEvent::Skipped {
+                room: a,
+                ticks: 17,
+                to: 19
+            }]
+        );
+        assert_eq!(s.skipped(), 17);
         assert_eq!(s.next_deadline(), Some(2_375 * MS));
+    }
+
+    #[test]
+    fn a_tick_or_two_late_is_sent_and_more_are_skipped_to_the_present() {
+        // 120 BPM, ppqn 4: a tick every 125 ms from 0.
+        let s = TickSchedule::new(Bpm::whole(120), 4, 0);
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(10) - 1), None, "not yet due");
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(10)), None, "due now");
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(11) + 5), None, "two overdue");
+        // Three overdue (10, 11, 12): skip to 13, the first not yet due.
+        assert_eq!(catch_up(&s, 10, s.deadline_ns(12)), Some(13));
+        // A second-long stall.
+        assert_eq!(
+            catch_up(&s, 10, s.deadline_ns(10) + 1_000_000_000),
+            Some(19)
+        );
+        // At MIDI-clock rates (200 BPM, ppqn 96: 3.125 ms apart) a 20 ms hiccup is six ticks,
+        // sent late; a 60 ms one is skipped.
+        let fast = TickSchedule::new(Bpm::whole(200), 96, 0);
+        assert_eq!(catch_up(&fast, 10, fast.deadline_ns(10) + 20_000_000), None);
+        assert_eq!(
+            catch_up(&fast, 10, fast.deadline_ns(10) + 60_000_000),
+            Some(30)
+        );
+    }
+
+    proptest::proptest! {
+        /// Whenever it skips, it skips at least SKIP_BEHIND ticks, to a tick not yet due whose
+        /// predecessor is; whenever it does not, fewer than SKIP_BEHIND are due or the oldest
+        /// is less than SKIP_LATE_NS late.
+        #[test]
+        fn catch_up_skips_exactly_the_overdue_ticks(
+            milli in 1_000u32..=1_000_000,
+            ppqn in 1u32..=960,
+            next in 0u64..1_000_000,
+            late in 0u64..10_000_000_000,
+        ) {
+            let s = TickSchedule::new(Bpm::from_milli(milli), ppqn, 1_000);
+            let now = s.deadline_ns(next) + late;
+            match catch_up(&s, next, now) {
+                Some(to) => {
+                    proptest::prop_assert!(to >= next + SKIP_BEHIND);
+                    proptest::prop_assert!(s.deadline_ns(to) > now);
+                    proptest::prop_assert!(s.deadline_ns(to - 1) <= now);
+                }
+                None => proptest::prop_assert!(
+                    s.deadline_ns(next + SKIP_BEHIND - 1) > now || late < SKIP_LATE_NS
+                ),
+            }
+        }
+    }
+
+    /// The runaway an outside attacker found: a count near u64::MAX wrapped to 0, where every
+    /// deadline lies in the past, and the thread ticked as fast as the CPU allowed.
+    #[test]
+    fn a_count_at_the_end_of_u64_stops_instead_of_wrapping() {
+        let mut s = Scheduler::new(1, EPOCH);
+        let a = key(0, 1);
+        let mut t = timeline(1000, 0);
+        t.ppqn = 96;
+        t.anchor_count = u64::MAX - 3;
+        s.command(
+            TimingCommand::Add {
+                room: a,
+                timeline: t,
+            },
+            0,
+        );
+        let events = run(&mut s, 1_000 * MS);
+        let counts: Vec<u64> = ticks(&events).iter().map(|t| t.1).collect();
+        assert_eq!(counts, [u64::MAX - 3, u64::MAX - 2, u64::MAX - 1, u64::MAX]);
+        assert_eq!(events.last(), Some(&TimingEvent::Exhausted { room: a }));
+        assert_eq!(s.next_deadline(), None, "no more ticks");
+        // A new timeline starts it again.
+        s.command(
+            TimingCommand::Adopt {
+                room: a,
+                timeline: timeline(120, 2_000),
+            },
+            1_500 * MS,
+        );
+        assert_eq!(s.next_deadline(), Some(2_000 * MS));
     }
 
     #[test]
@@ -1171,7 +1308,7 @@ mod tests {
                         last = Some((t.count, t.deadline_ns));
                         skipped = 0;
                     }
-                    TimingEvent::Skipped { room: r, ticks } if *r == room => skipped = *ticks,
+                    TimingEvent::Skipped { room: r, ticks, .. } if *r == room => skipped = *ticks,
                     _ => {}
                 }
             }

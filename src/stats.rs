@@ -4,10 +4,12 @@
 //! locked. Rendering is pure: a [`Snapshot`] in, text out.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::json;
 
+use crate::cluster::ClusterFault;
 use crate::tempo::Bpm;
 
 /// A tick more than this late counts as late in `conductor_late_ticks_total`.
@@ -15,6 +17,21 @@ pub const LATE_TICK_NS: u64 = 1_000_000;
 
 /// Late ticks among the last 64 that make `/healthz` report the server degraded.
 pub const DEGRADED_LATE_TICKS: u32 = 8;
+
+/// Tick intervals without a tick while the transport plays that make `/healthz` report the
+/// server degraded ([`silence`]).
+pub const SILENT_TICKS: u32 = 8;
+/// The shortest such silence: at very fast tick rates eight intervals are shorter than one
+/// pass of the loop.
+pub const MIN_SILENCE: Duration = Duration::from_millis(100);
+
+/// The silence worth reporting: `since_last_tick` when the transport plays and it spans more
+/// than [`SILENT_TICKS`] intervals (at least [`MIN_SILENCE`]), else `None`.
+pub fn silence(since_last_tick: Duration, interval_ns: f64, playing: bool) -> Option<Duration> {
+    let allowed =
+        Duration::from_secs_f64(interval_ns * f64::from(SILENT_TICKS) / 1e9).max(MIN_SILENCE);
+    (playing && since_last_tick > allowed).then_some(since_last_tick)
+}
 
 /// A latency distribution in nanoseconds, 1 ns to 60 s at two significant figures (1%).
 pub struct LatencyHistogram(Histogram<u64>);
@@ -162,18 +179,25 @@ pub enum RefuseReason {
     FdLimit,
     /// A browser page from an origin not in --allowed-origin (403).
     ForbiddenOrigin,
-    /// --max-clients were already connected (503).
+    /// --max-clients were already connected (503, or a Socket.IO connect_error).
     MaxClients,
+    /// The address already held --max-sessions-per-ip long-polling sessions (429).
+    SessionsPerIp,
+    /// A Socket.IO session or socket that did not connect to the namespace (`40`) within
+    /// --handshake-timeout.
+    ConnectTimeout,
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 6] = [
+    pub const ALL: [RefuseReason; 8] = [
         RefuseReason::BadRequest,
         RefuseReason::BadUpgrade,
         RefuseReason::HandshakeTimeout,
         RefuseReason::FdLimit,
         RefuseReason::ForbiddenOrigin,
         RefuseReason::MaxClients,
+        RefuseReason::SessionsPerIp,
+        RefuseReason::ConnectTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -184,6 +208,8 @@ impl RefuseReason {
             RefuseReason::FdLimit => "fd_limit",
             RefuseReason::ForbiddenOrigin => "forbidden_origin",
             RefuseReason::MaxClients => "max_clients",
+            RefuseReason::SessionsPerIp => "sessions_per_ip",
+            RefuseReason::ConnectTimeout => "connect_timeout",
         }
     }
 }
@@ -227,8 +253,15 @@ impl ServerStats {
         self.lateness.record(lateness_ns);
     }
 
-    /// Why the server is unhealthy, if it is: sustained lateness on the timing thread.
-    pub fn degraded(&self) -> Option<String> {
+    /// Why the server is unhealthy, if it is: no tick for a while although the transport
+    /// plays (`silent`, from [`silence`]), or sustained lateness on the timing thread.
+    pub fn degraded(&self, silent: Option<Duration>) -> Option<String> {
+        if let Some(silent) = silent {
+            return Some(format!(
+                "degraded: no tick for {} ms although the transport plays",
+                silent.as_millis()
+            ));
+        }
         let late = self.recent_late.count_ones();
         (late >= DEGRADED_LATE_TICKS)
             .then(|| format!("degraded: {late} of the last 64 ticks were more than 1 ms late"))
@@ -309,8 +342,13 @@ pub struct Snapshot<'a> {
     pub transport: &'static str,
     pub transport_count: u64,
     pub uptime_s: f64,
-    /// Ticks the timing thread could not hand to a stalled loop.
+    /// Ticks no client got: the ring to a stalled loop was full, or the timing thread fell
+    /// behind and skipped them.
     pub dropped_ticks: u64,
+    /// Of those, the ticks the timing thread skipped.
+    pub skipped_ticks: u64,
+    /// How long no tick has gone out although the transport plays, when that is too long.
+    pub silent_for: Option<Duration>,
     /// With `--cluster`: Redis, peers, timeline version, last change's lead.
     pub cluster: Option<crate::cluster::ClusterStatus>,
     pub stats: &'a ServerStats,
@@ -341,18 +379,21 @@ pub fn stats_json(s: &Snapshot) -> String {
         "ticks_emitted": st.ticks_emitted,
         "late_ticks": st.late_ticks,
         "dropped_ticks": s.dropped_ticks,
+        "skipped_ticks": s.skipped_ticks,
         "messages_sent": st.messages_sent,
         "tick_lateness_us": st.lateness.summary().micros(),
         "fanout_us": st.fanout.summary().micros(),
         "handoff_us": st.handoff.summary().micros(),
         "closed": closed,
         "refused": refused,
-        "healthy": st.degraded().is_none(),
+        "healthy": st.degraded(s.silent_for).is_none(),
         "cluster": s.cluster.map(|c| json!({
             "connected": c.connected,
+            "error": c.fault.map(|f| f.label()),
             "peers": c.peers,
             "version": c.version,
             "last_lead_ms": c.last_lead_ms,
+            "timelines_refused": c.timelines_refused,
         })),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -463,8 +504,15 @@ pub fn metrics_text(s: &Snapshot) -> String {
         &mut out,
         "dropped_ticks_total",
         "counter",
-        "Ticks lost because the event loop stalled.",
+        "Ticks no client got: the event loop stalled, or the timing thread fell behind.",
         s.dropped_ticks.to_string(),
+    );
+    single(
+        &mut out,
+        "skipped_ticks_total",
+        "counter",
+        "Ticks the timing thread skipped after falling behind, rather than send them at once.",
+        s.skipped_ticks.to_string(),
     );
     single(
         &mut out,
@@ -526,8 +574,25 @@ pub fn metrics_text(s: &Snapshot) -> String {
             o,
             "cluster_connected",
             "gauge",
-            "1 while the cluster's Redis answers.",
+            "1 while the cluster's Redis answers and takes writes.",
             u8::from(c.connected),
+        );
+        labelled(
+            o,
+            "cluster_error",
+            "gauge",
+            "1 for what is wrong with the cluster's Redis, if anything.",
+            "error",
+            ClusterFault::ALL
+                .iter()
+                .map(|f| (f.label().to_string(), u8::from(c.fault == Some(*f)))),
+        );
+        single(
+            o,
+            "cluster_timelines_refused_total",
+            "counter",
+            "Timelines read from Redis that were refused (out of limits, corrupt) and repaired.",
+            c.timelines_refused,
         );
         single(
             o,
@@ -607,6 +672,8 @@ mod tests {
             transport_count: 0,
             uptime_s: 5.25,
             dropped_ticks: 0,
+            skipped_ticks: 0,
+            silent_for: None,
             cluster: None,
             stats,
         }
@@ -631,17 +698,40 @@ mod tests {
         for _ in 0..100 {
             st.record_tick(10_000);
         }
-        assert_eq!(st.degraded(), None);
+        assert_eq!(st.degraded(None), None);
         for _ in 0..7 {
             st.record_tick(5_000_000);
         }
-        assert_eq!(st.degraded(), None, "a few late ticks are not sustained");
+        assert_eq!(
+            st.degraded(None),
+            None,
+            "a few late ticks are not sustained"
+        );
         st.record_tick(5_000_000);
-        assert!(st.degraded().unwrap().contains("8 of the last 64"));
+        assert!(st.degraded(None).unwrap().contains("8 of the last 64"));
         for _ in 0..64 {
             st.record_tick(10_000);
         }
-        assert_eq!(st.degraded(), None);
+        assert_eq!(st.degraded(None), None);
+    }
+
+    #[test]
+    fn a_playing_server_without_ticks_for_eight_intervals_is_degraded() {
+        let ms = Duration::from_millis;
+        // 125 ms ticks: eight intervals are a second.
+        assert_eq!(silence(ms(900), 125e6, true), None);
+        assert_eq!(silence(ms(1001), 125e6, true), Some(ms(1001)));
+        assert_eq!(
+            silence(ms(60_000), 125e6, false),
+            None,
+            "stopped: silence is right"
+        );
+        // Very fast ticks: never less than MIN_SILENCE.
+        assert_eq!(silence(ms(50), 62_500.0, true), None);
+        assert!(silence(ms(150), 62_500.0, true).is_some());
+        let st = ServerStats::default();
+        let why = st.degraded(silence(ms(3000), 125e6, true)).unwrap();
+        assert!(why.contains("no tick for 3000 ms"), "{why}");
     }
 
     #[test]

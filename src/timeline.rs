@@ -96,6 +96,22 @@ impl Timeline {
         TickSchedule::anchored(self.bpm, self.ppqn.max(1), count, unix - epoch_unix_ns)
     }
 
+    /// The same grid anchored at its first tick at or after `unix_ns` (unchanged when the
+    /// anchor is later): every tick keeps its instant. A timeline restored after a restart is
+    /// announced this way, so that clients count from a recent tick rather than from the last
+    /// change before the restart.
+    pub fn anchored_from(&self, unix_ns: u64) -> Timeline {
+        if self.anchor_unix_ns >= unix_ns {
+            return *self;
+        }
+        let count = self.first_count_at_or_after(unix_ns);
+        Timeline {
+            anchor_count: count,
+            anchor_unix_ns: self.unix_ns_of(count),
+            ..*self
+        }
+    }
+
     /// The transport state sounding at `unix_ns`: a change still ahead has not begun.
     pub fn sounding_at(&self, unix_ns: u64) -> TransportState {
         if unix_ns < self.transport_unix_ns {
@@ -226,6 +242,19 @@ mod tests {
             Planned::Changed(t) => t,
             other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn anchoring_later_keeps_every_instant() {
+        let t = timeline();
+        let later = t.anchored_from(t.anchor_unix_ns + 10_000_000_001);
+        assert!(later.anchor_count > t.anchor_count);
+        assert!(later.anchor_unix_ns > t.anchor_unix_ns + 10_000_000_000);
+        for count in later.anchor_count..later.anchor_count + 1000 {
+            assert_eq!(later.unix_ns_of(count), t.unix_ns_of(count));
+        }
+        assert_eq!(later.transport, t.transport);
+        assert_eq!(later.anchored_from(t.anchor_unix_ns), later);
     }
 
     #[test]

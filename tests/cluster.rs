@@ -740,3 +740,387 @@ fn an_instance_started_while_redis_is_down_joins_when_it_answers() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile or broken Redis: what anyone with write access to it can do, and Redis refusing work
+
+/// The cluster's timeline as stored, parsed.
+fn stored_timeline(redis: &Redis, name: &str) -> Option<Value> {
+    let raw = redis.try_command(&["GET", &format!("conductor:{name}:timeline")])?;
+    serde_json::from_str(&raw).ok()
+}
+
+/// Writes `timeline` into the key and announces it, as a rogue writer would.
+fn write_timeline(redis: &Redis, name: &str, timeline: &Value) {
+    let json = timeline.to_string();
+    let set = redis.try_command(&["SET", &format!("conductor:{name}:timeline"), &json]);
+    assert_eq!(set.as_deref(), Some("+OK"));
+    redis.try_command(&["PUBLISH", &format!("conductor:{name}:changes"), &json]);
+}
+
+/// Polls the key until `done` holds, or panics after `within`.
+fn until_stored(
+    redis: &Redis,
+    name: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let until = Instant::now() + within;
+    loop {
+        let stored = stored_timeline(redis, name);
+        if let Some(v) = stored.as_ref().filter(|v| done(v)) {
+            return v.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "{what} within {within:?}; the key holds {stored:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The counts of the ticks that arrive during `span`, in order, after what was already
+/// waiting has been read (a read that had to wait says the backlog is gone). A runaway
+/// instance sends ticks as fast as it can: reading stops at 5,000 either way.
+fn ticks_during(w: &mut Watch, span: Duration) -> Vec<u64> {
+    for _ in 0..5_000 {
+        let started = Instant::now();
+        w.read_one();
+        if started.elapsed() >= Duration::from_millis(20) {
+            break;
+        }
+    }
+    let mut counts = Vec::new();
+    let until = Instant::now() + span;
+    while Instant::now() < until && counts.len() < 5_000 {
+        let before = w.ticks.len();
+        if w.read_one() == "tick" && w.ticks.len() > before {
+            counts.push(*w.ticks.last_key_value().expect("a tick").0);
+        }
+    }
+    counts
+}
+
+/// Waits for an event by name for at most `within` (a refused request must be answered, and
+/// an unanswered one must fail the test in seconds, not after a thousand ticks).
+fn event_within(w: &mut Watch, name: &str, within: Duration) -> Value {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        let before = (w.errors.len(), w.bpm_changes.len(), w.timelines.len());
+        let event = w.read_one();
+        if event == name {
+            return match name {
+                "error" => w.errors[before.0].clone(),
+                "timeline" => w.timelines[before.2].clone(),
+                "bpmChange" => json!(w.bpm_changes[before.1]),
+                _ => json!(event),
+            };
+        }
+    }
+    panic!("no {name} within {within:?}");
+}
+
+/// D1: a timeline written into Redis by someone else must never make an instance tick flat
+/// out, fall silent or leave its tempo limits. Each is refused and the key repaired: a sane
+/// timeline (the one the instances follow) with a higher version.
+#[test]
+fn timelines_that_would_race_or_silence_the_cluster_are_refused_and_repaired() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let name = "rogue";
+    let a = instance(&redis, name);
+    let b = instance(&redis, name);
+    wait_connected(&[&a, &b], true, Duration::from_secs(3));
+    let (mut wa, _) = Watch::new(&a);
+    let (mut wb, _) = Watch::new(&b);
+    let year_ns = 365 * 24 * 3600 * 1_000_000_000u64;
+    type Tamper = fn(&mut Value, u64);
+    let cases: [(&str, Tamper); 4] = [
+        // The count wraps about a second later: every deadline in the past.
+        ("runaway count", |t, _| {
+            t["anchor_count"] = json!(u64::MAX - 8)
+        }),
+        ("anchor a year ahead", |t, year| {
+            let at = t["anchor_unix_ns"].as_u64().unwrap() + year;
+            t["anchor_unix_ns"] = json!(at);
+            t["transport_unix_ns"] = json!(at);
+        }),
+        ("a start that never comes", |t, _| {
+            t["playing_before"] = json!(false);
+            t["playing"] = json!(true);
+            t["transport_count"] = json!(u64::MAX - 1);
+        }),
+        // 1000 BPM although --max-bpm is 200.
+        ("tempo above --max-bpm", |t, _| {
+            t["bpm_milli"] = json!(1_000_000)
+        }),
+    ];
+    for (what, tamper) in cases {
+        let mut bad = stored_timeline(&redis, name).expect("a stored timeline");
+        let version = bad["version"].as_u64().unwrap() + 1;
+        bad["version"] = json!(version);
+        tamper(&mut bad, year_ns);
+        write_timeline(&redis, name, &bad);
+        // Both keep ticking at 200 BPM, in step: about 13 ticks a second, no more, no fewer,
+        // also past the moment a runaway count would have wrapped (about a second).
+        for w in [&mut wa, &mut wb] {
+            let counts = ticks_during(w, Duration::from_millis(1500));
+            assert!(
+                (15..=25).contains(&counts.len()),
+                "{what}: {} ticks in 1.5 s: {:?}",
+                counts.len(),
+                &counts[..counts.len().min(20)]
+            );
+            assert!(
+                counts.windows(2).all(|p| p[1] == p[0] + 1),
+                "{what}: {counts:?}"
+            );
+        }
+        same_instants(&wa, &wb, what);
+        let repaired = until_stored(&redis, name, Duration::from_secs(3), what, |v| {
+            v["version"].as_u64() > Some(version)
+        });
+        assert_eq!(repaired["bpm_milli"], 200_000, "{what}: {repaired}");
+        assert!(
+            repaired["anchor_count"].as_u64().unwrap() < 1 << 52,
+            "{what}"
+        );
+        assert!(
+            repaired["anchor_unix_ns"].as_u64().unwrap()
+                < unix_us_now() * 1000 + 60 * 1_000_000_000,
+            "{what}"
+        );
+        for s in [&a, &b] {
+            let stats = s.stats();
+            assert_eq!(stats["bpm"], 200, "{what}: {stats}");
+            assert_eq!(stats["healthy"], true, "{what}: {stats}");
+            assert!(
+                stats["cluster"]["timelines_refused"].as_u64() >= Some(1),
+                "{stats}"
+            );
+        }
+    }
+    // Deleting the key brings back the sane timeline, never a refused one.
+    redis.try_command(&["DEL", &format!("conductor:{name}:timeline")]);
+    let back = until_stored(&redis, name, Duration::from_secs(3), "written back", |_| {
+        true
+    });
+    assert_eq!(back["bpm_milli"], 200_000, "{back}");
+}
+
+/// D4: a version past 2^53 and a key of another Redis type are corrupt: the next control
+/// request replaces them and is answered, as for an unparseable key.
+#[test]
+fn a_corrupt_version_or_a_hash_typed_key_is_replaced_and_control_answers() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let name = "corrupt";
+    let a = instance(&redis, name);
+    wait_connected(&[&a], true, Duration::from_secs(3));
+    let (mut w, _) = Watch::new(&a);
+    let key = format!("conductor:{name}:timeline");
+
+    // Version 2^60, the rest sane: not published, so only the request finds it.
+    let mut huge = stored_timeline(&redis, name).expect("a stored timeline");
+    huge["version"] = json!(1u64 << 60);
+    redis.try_command(&["SET", &key, &huge.to_string()]);
+    w.client.send_json(&json!({"event": "setBpm", "data": 150}));
+    assert_eq!(
+        event_within(&mut w, "bpmChange", Duration::from_secs(5)),
+        150.0
+    );
+    let stored = stored_timeline(&redis, name).expect("a timeline");
+    assert!(stored["version"].as_u64().unwrap() < 1 << 53, "{stored}");
+    assert_eq!(stored["bpm_milli"], 150_000);
+
+    // A hash where the timeline should be.
+    redis.try_command(&["DEL", &key]);
+    redis.try_command(&["HSET", &key, "version", "7"]);
+    w.client.send_json(&json!({"event": "setBpm", "data": 120}));
+    assert_eq!(
+        event_within(&mut w, "bpmChange", Duration::from_secs(5)),
+        120.0
+    );
+    assert_eq!(
+        redis.try_command(&["TYPE", &key]).as_deref(),
+        Some("+string")
+    );
+    assert_eq!(
+        stored_timeline(&redis, name).expect("a timeline")["bpm_milli"],
+        120_000
+    );
+    assert_eq!(a.stats()["cluster"]["connected"], true);
+}
+
+/// `total_connections_received` from `INFO stats`.
+fn connections_received(redis: &Redis) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", redis.port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n").unwrap();
+    // A bulk string: `$LEN\r\n` then LEN bytes.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let info = loop {
+        let n = s.read(&mut buf).expect("INFO reply");
+        assert!(n > 0, "redis closed during INFO");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((len, body)) = text.strip_prefix('$').and_then(|t| t.split_once("\r\n"))
+            && body.len() >= len.parse::<usize>().unwrap_or(0)
+        {
+            break body.to_string();
+        }
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in {info:?}"))
+}
+
+/// D3: a Redis that lets the instance in but refuses its writes (out of memory under
+/// noeviction) is retried with a growing backoff, not ten times a second, and clients and
+/// /stats are told what is wrong: not "unreachable".
+#[test]
+fn a_redis_that_refuses_writes_is_retried_with_backoff_and_named() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let name = "oom";
+    let a = instance(&redis, name);
+    wait_connected(&[&a], true, Duration::from_secs(3));
+    let (mut w, _) = Watch::new(&a);
+
+    for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        assert_eq!(
+            redis.try_command(&["CONFIG", "SET", k, v]).as_deref(),
+            Some("+OK")
+        );
+    }
+    wait_connected(&[&a], false, Duration::from_secs(3));
+    // Let the backoff reach its ceiling, then count reconnections (each session opens two
+    // connections; the second INFO's own connection is one more).
+    thread::sleep(Duration::from_secs(3));
+    let before = connections_received(&redis);
+    thread::sleep(Duration::from_secs(6));
+    let made = connections_received(&redis) - before - 1;
+    assert!(
+        made <= 12,
+        "{made} connections in 6 s to a Redis that refuses writes (before the fix: ~120)"
+    );
+    let stats = a.stats();
+    assert_eq!(stats["cluster"]["error"], "out_of_memory", "{stats}");
+    w.client.send_json(&json!({"event": "setBpm", "data": 150}));
+    let err = event_within(&mut w, "error", Duration::from_secs(3));
+    assert_eq!(err["data"]["code"], "cluster_unavailable", "{err}");
+    let message = err["data"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("out of memory"), "{message}");
+    assert!(!message.contains("unreachable"), "{message}");
+    // Ticks went on throughout.
+    assert!(ticks_during(&mut w, Duration::from_millis(500)).len() >= 4);
+
+    // Memory back: connected again within the backoff's ceiling, and control works.
+    assert_eq!(
+        redis
+            .try_command(&["CONFIG", "SET", "maxmemory", "0"])
+            .as_deref(),
+        Some("+OK")
+    );
+    wait_connected(&[&a], true, Duration::from_secs(5));
+    assert_eq!(a.stats()["cluster"]["error"], Value::Null);
+    w.client.send_json(&json!({"event": "setBpm", "data": 150}));
+    assert_eq!(
+        event_within(&mut w, "bpmChange", Duration::from_secs(3)),
+        150.0
+    );
+
+    // A peers key of the wrong type is ours to rebuild, not a reason to reconnect forever.
+    let peers = format!("conductor:{name}:peers");
+    redis.try_command(&["DEL", &peers]);
+    redis.try_command(&["SET", &peers, "garbage"]);
+    let until = Instant::now() + Duration::from_secs(3);
+    while redis.try_command(&["TYPE", &peers]).as_deref() != Some("+zset") {
+        assert!(Instant::now() < until, "the peers key was never rebuilt");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // And the session stayed up throughout.
+    for _ in 0..20 {
+        let stats = a.stats();
+        assert_eq!(stats["cluster"]["connected"], true, "{stats}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A state file holding `bpm`, anchored ten seconds ago, as a stopped server left it.
+fn state_file(path: &std::path::Path, bpm_milli: u32) {
+    use conductor::cluster::SharedTimeline;
+    use conductor::state::{Persisted, encode, write_atomically};
+    let ago = unix_us_now() * 1000 - 10_000_000_000;
+    let saved = Persisted {
+        timeline: SharedTimeline {
+            version: 1,
+            anchor_count: 0,
+            anchor_unix_ns: ago,
+            bpm_milli,
+            ppqn: 4,
+            playing_before: true,
+            playing: false,
+            transport_count: 0,
+            transport_unix_ns: ago,
+        },
+        beats_per_bar: 4,
+        rooms: Vec::new(),
+    };
+    write_atomically(path, &encode(&saved, unix_us_now() * 1000)).expect("write state file");
+}
+
+#[test]
+fn the_shared_timeline_wins_over_a_state_file_and_an_empty_redis_gets_the_saved_one() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let dir = std::env::temp_dir().join(format!("conductor-cluster-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    let url = redis.url();
+
+    // Redis has nothing: the first instance seeds it with its saved timeline (90, stopped).
+    state_file(&path, 90_000);
+    let args = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        path.to_str().unwrap(),
+    ];
+    let a = Server::start(&args);
+    let (_, hello) = Watch::new(&a);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    assert_eq!(hello["data"]["playing"], false, "{hello}");
+
+    // A second instance whose own file says 150 joins the shared 90 instead, and its file
+    // follows the shared timeline.
+    let other = dir.join("other.json");
+    state_file(&other, 150_000);
+    let args_b = [
+        "--cluster",
+        url.as_str(),
+        "--cluster-name",
+        "state",
+        "--state",
+        other.to_str().unwrap(),
+    ];
+    let b = Server::start(&args_b);
+    let (_, hello) = Watch::new(&b);
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&other).unwrap_or_default();
+        if text.contains("\"bpm\": 90.0") {
+            break;
+        }
+        assert!(Instant::now() < until, "the file never followed: {text}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -110,9 +110,11 @@ fn polling_handshake_connect_and_ticks() {
     assert_eq!(open["pingInterval"], 20_000);
     assert_eq!(open["pingTimeout"], 10_000);
     assert!(open["maxPayload"].as_u64().unwrap() >= 4096);
-    assert_eq!(server.stats()["clients_by_protocol"]["socketio_polling"], 1);
+    // A handshake is not a client yet: it counts from its namespace connect on.
+    assert_eq!(server.stats()["clients_by_protocol"]["socketio_polling"], 0);
 
     assert_eq!(post(&server, &sid, "40"), (200, "ok".to_string()));
+    assert_eq!(server.stats()["clients_by_protocol"]["socketio_polling"], 1);
     let (status, payload) = poll(&server, &sid);
     assert_eq!(status, 200);
     let first = payload.split(SEP).next().unwrap();
@@ -324,7 +326,9 @@ fn silent_polling_sessions_are_pinged_then_expire() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(poll(&server, &sid).0, 400);
     let stats = server.stats();
-    assert_eq!(stats["closed"]["ping_timeout"], 1, "{stats}");
+    // It never connected to the namespace (`40`), so it was never a client, and its end is
+    // not a client's close.
+    assert_eq!(stats["closed"]["ping_timeout"], 0, "{stats}");
     assert_eq!(stats["clients"], 0);
 }
 
@@ -468,4 +472,33 @@ fn kept_alive_connections_end_cleanly() {
         "idle connection kept open"
     );
     assert_eq!(server.stats()["refused"]["handshake_timeout"], 0);
+}
+
+/// A Socket.IO WebSocket that never connects to the namespace (`40`) is a handshake left
+/// hanging, not a client: closed at the handshake timeout, like a polling session.
+#[test]
+fn a_socketio_websocket_without_a_connect_is_closed_at_the_handshake_timeout() {
+    let server = Server::start(&["--handshake-timeout", "1"]);
+    let mut idle = server
+        .ws_with("/socket.io/?EIO=4&transport=websocket", &[])
+        .expect("upgrade");
+    let started = Instant::now();
+    let close = idle.expect_close().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = server.stats();
+    assert_eq!(stats["refused"]["connect_timeout"], 1, "{stats}");
+    assert_eq!(stats["clients"], 0, "{stats}");
+    // One that connects in time stays.
+    let mut joined = server
+        .ws_with("/socket.io/?EIO=4&transport=websocket", &[])
+        .expect("upgrade");
+    joined.send_text("40");
+    std::thread::sleep(Duration::from_millis(1500));
+    joined.send_text("3");
+    assert_eq!(server.stats()["clients"], 1);
 }

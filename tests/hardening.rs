@@ -68,7 +68,8 @@ fn oversized_and_malformed_requests_get_431_and_400() {
         common::parse_response(&server.raw(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")).0,
         400
     );
-    for method in ["POST", "PUT", "DELETE", "HEAD", "OPTIONS"] {
+    // HEAD is served as GET without the body (tests/http.rs).
+    for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
         let req = format!("{method} / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
         let text = server.raw(req.as_bytes());
         assert_eq!(common::parse_response(&text).0, 405, "{method}");
@@ -289,4 +290,150 @@ fn healthz_is_ok_while_ticks_are_on_time() {
     }
     assert_eq!(server.get("/healthz"), (200, "ok".to_string()));
     assert_eq!(server.stats()["healthy"], true);
+}
+
+/// D1, the last layer: a timing thread that wakes far behind its deadlines (here the whole
+/// process was stopped for a second) skips to the present instead of firing the missed ticks
+/// back to back, counts them as dropped, and the next ticks come on time.
+#[test]
+fn a_stalled_timing_thread_skips_the_missed_ticks_instead_of_bursting() {
+    // 120 BPM at ppqn 4: 125 ms apart.
+    let server = Server::start(&["--rt-priority", "0"]);
+    let mut c = server.ws();
+    let before_stop = c.next_event("tick")["data"]["count"].as_u64().unwrap();
+    let pid = server.pid() as libc::pid_t;
+    // SAFETY: signals to the child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1000));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Every tick from here on, with its arrival: no two may come in a burst.
+    let mut arrivals = Vec::new();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let count = c.next_event("tick")["data"]["count"].as_u64().unwrap();
+        arrivals.push((count, Instant::now()));
+    }
+    for pair in arrivals.windows(2) {
+        let ((a, at_a), (b, at_b)) = (pair[0], pair[1]);
+        let gap = at_b.duration_since(at_a);
+        assert!(
+            gap >= Duration::from_millis(40),
+            "ticks {a} and {b} arrived {gap:?} apart: {arrivals:?}"
+        );
+        assert_eq!(b, a + 1, "{arrivals:?}");
+    }
+    // The stall's eight ticks are not among them: the count jumped over it.
+    let first = arrivals.first().map(|(c, _)| *c).unwrap();
+    assert!(
+        first >= before_stop + 6,
+        "tick {before_stop} before the stall, {first} after: {arrivals:?}"
+    );
+    let stats = server.stats();
+    let skipped = stats["skipped_ticks"].as_u64().unwrap();
+    assert!(
+        skipped >= 5,
+        "a second's stall skipped only {skipped}: {stats}"
+    );
+    assert!(stats["dropped_ticks"].as_u64() >= Some(skipped), "{stats}");
+}
+
+/// Pings count against the message rate like any message, and a refused one gets no pong:
+/// answering it would be doing the work the limit is there to refuse.
+#[test]
+fn pings_over_the_message_rate_get_no_pong() {
+    let server = Server::start(&["--max-messages-per-sec", "5"]);
+    let mut c = server.ws();
+    c.next_event("hello");
+    for i in 0..25u8 {
+        c.ws.send(Message::Ping(vec![i].into())).unwrap();
+    }
+    let (mut pongs, mut errors) = (Vec::new(), 0);
+    let until = Instant::now() + Duration::from_millis(700);
+    while Instant::now() < until {
+        match c.ws.read() {
+            Ok(Message::Pong(p)) => pongs.push(p[0]),
+            Ok(Message::Text(t)) if t.contains("rate_limited") => errors += 1,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        pongs,
+        [0, 1, 2, 3, 4],
+        "pongs only for the pings within the limit"
+    );
+    assert_eq!(errors, 1, "one rate_limited error");
+    // Still connected, and still ticking.
+    c.next_event("tick");
+}
+
+/// A client that stops reading is found within seconds (its kernel backlog stops falling)
+/// and closed as a slow consumer, instead of after its buffers and ours have filled, which
+/// at normal tick rates took longer than the ping timeout.
+#[test]
+fn a_client_that_never_reads_is_closed_within_seconds() {
+    // Pings every 10 minutes: the ping timeout must not be what finds it.
+    let server = Server::start(&["--ping-interval", "600", "--rt-priority", "0"]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let (stalled, _) = tungstenite::client::client(url, common::tiny_buffer_stream(server.port))
+        .expect("handshake");
+    let mut reader = server.ws();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(20);
+    loop {
+        reader.next_event("tick");
+        let stats = server.stats();
+        if stats["closed"]["slow_consumer"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "not closed within 20 s: {stats}");
+    }
+    let took = started.elapsed();
+    eprintln!("a client that never reads was closed after {took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(server.stats()["clients"], 1);
+    drop(stalled);
+}
+
+/// The session limits' flags and their environment variables: a bad value is one line on
+/// stderr and status 2, like every other flag.
+#[test]
+fn session_limit_flags_refuse_bad_values_with_status_2() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    for (args, env) in [
+        (&["--max-sessions-per-ip", "0"][..], &[][..]),
+        (&["--max-sessions-per-ip", "many"], &[]),
+        (&["--client-ip-header", "X Forwarded For"], &[]),
+        (&[], &[("CONDUCTOR_MAX_SESSIONS_PER_IP", "0")]),
+        (&[], &[("CONDUCTOR_CLIENT_IP_HEADER", "bad:name")]),
+    ] {
+        let (code, err) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?} {env:?}: {err}");
+        assert!(err.starts_with("conductor: "), "{err}");
+    }
+    let (code, help) = {
+        let out = std::process::Command::new(common::bin())
+            .arg("--help")
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("[env: CONDUCTOR_MAX_SESSIONS_PER_IP="),
+        "{help}"
+    );
+    assert!(help.contains("[env: CONDUCTOR_CLIENT_IP_HEADER="), "{help}");
 }

@@ -118,6 +118,12 @@ impl NodeRun {
         self.stdin.take();
     }
 
+    /// Waits for `{"status": name}`, then ends the run and returns its result.
+    fn finish_after(mut self, name: &str) -> Value {
+        self.status(name, Duration::from_secs(15));
+        self.finish(Duration::from_secs(10))
+    }
+
     /// The result line; panics unless the scenario passed and the script exited 0.
     fn finish(mut self, within: Duration) -> Value {
         self.release();
@@ -171,6 +177,7 @@ impl FixedPortServer {
             let mut child = Command::new(bin())
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .env("RUST_LOG", "warn")
+                .env("CONDUCTOR_STATE", "none")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -220,7 +227,56 @@ fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Vec<(String, String)>, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    http_on(s, port, method, path, headers, body)
+}
+
+/// The same from another loopback address (`127.0.0.x`): another peer, as far as the server
+/// can tell.
+fn http_from(
+    from: [u8; 4],
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    http_on(connect_from(from, port), port, method, path, &[], body)
+}
+
+/// A TCP connection to the server on 127.0.0.1 from the local address `from`.
+fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor we own; the address structs outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let local = sockaddr(from, 0);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind to {from:?}");
+        let remote = sockaddr([127, 0, 0, 1], port);
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect from {from:?}");
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn http_on(
+    mut s: TcpStream,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
@@ -959,4 +1015,200 @@ fn no_tick_is_lost_or_repeated_across_the_upgrade() {
         counts.windows(2).all(|w| w[1] == w[0] + 1),
         "ticks lost or repeated across the upgrade: {counts:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// One peer against the session table (issue 13, D2), and session ids as credentials
+
+/// Reads one HTTP response off a kept-alive connection: (status, body); `None` at EOF.
+fn read_response(s: &mut BufReader<TcpStream>) -> Option<(u16, String)> {
+    let mut status_line = String::new();
+    if s.read_line(&mut status_line).ok()? == 0 {
+        return None;
+    }
+    let status = status_line.split(' ').nth(1)?.parse().ok()?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        s.read_line(&mut line).ok()?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The outside attacker's flood: `total` long-polling handshakes pipelined over `conns`
+/// kept-alive connections from `from`. Returns the session ids it got, and the statuses.
+fn pipelined_handshakes(
+    from: [u8; 4],
+    port: u16,
+    conns: usize,
+    total: usize,
+) -> (Vec<String>, Vec<u16>) {
+    let per_conn = total.div_ceil(conns);
+    let one = "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (mut sids, mut statuses) = (Vec::new(), Vec::new());
+    let mut streams = Vec::new();
+    for _ in 0..conns {
+        let mut s = connect_from(from, port);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(one.repeat(per_conn).as_bytes()).unwrap();
+        streams.push(BufReader::new(s));
+    }
+    for mut s in streams {
+        // A refusal closes the connection: what was pipelined behind it is not served.
+        for _ in 0..per_conn {
+            let Some((status, body)) = read_response(&mut s) else {
+                break;
+            };
+            statuses.push(status);
+            if status == 200
+                && let Some(open) = body.strip_prefix('0')
+                && let Ok(v) = serde_json::from_str::<Value>(open)
+            {
+                sids.push(v["sid"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    (sids, statuses)
+}
+
+/// D2: one peer pipelined 1,000 handshakes over 17 kept-alive connections and kept the
+/// sessions alive with a pong every few seconds, and a stock client (polling first) never
+/// connected. Now the peer gets --max-sessions-per-ip sessions, loses them at the handshake
+/// timeout however it pongs, and the stock client connects beside it.
+#[test]
+fn a_peer_pipelining_handshakes_cannot_keep_a_stock_client_out() {
+    let server = Server::start(&["--handshake-timeout", "3"]);
+    let port = server.port;
+    let attacker = [127, 0, 0, 2];
+    let (sids, statuses) = pipelined_handshakes(attacker, port, 17, 1000);
+    assert!(
+        sids.len() <= 32,
+        "one address got {} sessions (statuses {:?})",
+        sids.len(),
+        &statuses[..statuses.len().min(40)]
+    );
+    assert!(
+        statuses.contains(&429),
+        "no 429 among {} answers",
+        statuses.len()
+    );
+
+    let mut stock = NodeRun::start(port, "hold", &["--transport", "default"]);
+    // Meanwhile the attacker keeps its sessions busy with pongs, as in the report.
+    let keep_alive = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut alive = sids.len();
+        while Instant::now() < until && alive > 0 {
+            alive = 0;
+            for sid in &sids {
+                let path = format!("{POLL}&sid={sid}");
+                if http_from(attacker, port, "POST", &path, "3").0 == 200 {
+                    alive += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        (sids, alive)
+    });
+    let connected = stock.status("connected", Duration::from_secs(15));
+    assert_eq!(connected["transport"], "websocket", "{connected}");
+    let (sids, alive) = keep_alive.join().unwrap();
+    assert_eq!(
+        alive, 0,
+        "sessions without a namespace connect outlived the handshake timeout"
+    );
+    for sid in sids.iter().take(3) {
+        let path = format!("{POLL}&sid={sid}");
+        assert_eio_error(
+            http_from(attacker, port, "POST", &path, "3"),
+            400,
+            1,
+            "Session ID unknown",
+        );
+    }
+    let stats = server.stats();
+    assert!(
+        stats["refused"]["sessions_per_ip"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["refused"]["connect_timeout"].as_u64(),
+        Some(sids.len() as u64),
+        "{stats}"
+    );
+    assert_eq!(stats["clients"], 1, "only the stock client counts: {stats}");
+    stock.finish(Duration::from_secs(10));
+}
+
+/// D2: 300 handshakes (from ten addresses, within the per-address limit) made /ws answer 503
+/// under --max-clients 300. Sessions that have not connected to the namespace are not
+/// clients.
+#[test]
+fn handshakes_without_a_connect_do_not_count_against_max_clients() {
+    let server = Server::start(&["--max-clients", "300"]);
+    let port = server.port;
+    let mut sessions = 0;
+    for host in 2..12u8 {
+        let (sids, _) = pipelined_handshakes([127, 0, 0, host], port, 3, 30);
+        sessions += sids.len();
+    }
+    assert_eq!(sessions, 300);
+    let mut plain = server
+        .ws_with("/ws", &[])
+        .expect("a /ws client beside 300 handshakes");
+    plain.next_event("tick");
+    let stock = NodeRun::start(port, "hold", &["--transport", "default"]).finish_after("connected");
+    assert_eq!(stock["ok"], true, "{stock}");
+    let stats = server.stats();
+    assert_eq!(stats["refused"]["max_clients"], 0, "{stats}");
+}
+
+/// A session id is no credential from another address: a poll, a post or an upgrade with it
+/// from elsewhere is told the id is unknown, and the session carries on for its client.
+#[test]
+fn a_session_answers_only_the_address_that_opened_it() {
+    let server = Server::start(&[]);
+    let port = server.port;
+    let sid = handshake(port)["sid"].as_str().unwrap().to_string();
+    let path = format!("{POLL}&sid={sid}");
+    assert_eq!(http(port, "POST", &path, &[], "40").0, 200);
+    let stranger = [127, 0, 0, 3];
+    assert_eio_error(
+        http_from(stranger, port, "GET", &path, ""),
+        400,
+        1,
+        "Session ID unknown",
+    );
+    assert_eio_error(
+        http_from(stranger, port, "POST", &path, "42[\"setBpm\",150]"),
+        400,
+        1,
+        "Session ID unknown",
+    );
+    let upgrade = format!(
+        "GET /socket.io/?EIO=4&transport=websocket&sid={sid} HTTP/1.1\r\nHost: t\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let mut s = connect_from(stranger, port);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // Its own client still polls it: the connect's answer is waiting.
+    let (status, _, body) = http(port, "GET", &path, &[], "");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("40{"), "{body:?}");
+    assert_eq!(server.stats()["bpm"], 120);
 }

@@ -1,5 +1,6 @@
-//! The loop's side of `--cluster`: starting the cluster thread, and exchanging timelines with
-//! it (Redis itself is the cluster thread's business, in [`crate::cluster`]).
+//! The loop's side of `--cluster`: starting the cluster thread, handing it the hub's requests,
+//! and handing the hub what it reports (Redis itself is the cluster thread's business, in
+//! [`crate::cluster`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,109 +8,88 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mio::Waker;
 
-use crate::clock::Clock;
 use crate::cluster::{
-    ClusterConfig, ClusterEvent, ClusterEvents, ClusterRequest, ClusterStatus, ClusterThread,
-    SharedTimeline,
+    self, ClusterConfig, ClusterEvent, ClusterEvents, ClusterRequest, ClusterStatus, ClusterThread,
+    Outcome, TimelineLimits,
 };
 use crate::config::Config;
 use crate::hub::ClusterAsk;
-use crate::lead::{self};
-use crate::timeline::{Change, Timeline};
-use crate::transport::TransportState;
 
 use super::reactor::*;
 
-pub(super) fn from_shared(s: &SharedTimeline, beats_per_bar: u32) -> Timeline {
-    Timeline {
-        version: s.version,
-        anchor_count: s.anchor_count,
-        anchor_unix_ns: s.anchor_unix_ns,
-        bpm: s.bpm(),
-        ppqn: s.ppqn,
-        beats_per_bar,
-        transport: s.transport(),
-        transport_unix_ns: s.transport_unix_ns,
-    }
+/// How long `bind` waits for `main`'s shared timeline before starting on its own.
+pub(super) const CLUSTER_JOIN_WAIT: Duration = Duration::from_secs(3);
+
+/// The loop's side of a cluster.
+pub(super) struct ClusterLink {
+    pub(super) thread: ClusterThread,
+    pub(super) events: ClusterEvents,
+    pub(super) status: ClusterStatus,
 }
 
-pub(super) fn to_shared(t: &Timeline) -> SharedTimeline {
-    SharedTimeline {
-        version: t.version,
-        anchor_count: t.anchor_count,
-        anchor_unix_ns: t.anchor_unix_ns,
-        bpm_milli: t.bpm.milli(),
-        ppqn: t.ppqn,
-        playing_before: t.transport.before() == TransportState::Playing,
-        playing: t.transport.state() == TransportState::Playing,
-        transport_count: t.transport.from_count(),
-        transport_unix_ns: t.transport_unix_ns,
-    }
-}
-
-/// A cluster thread just started: its ends and its first status.
-pub(super) type ClusterStart = (ClusterThread, ClusterEvents, ClusterStatus);
-
-/// Starts the cluster thread and waits (briefly) for the shared timeline, so that a joining
-/// instance's first tick is already in phase with the others. Without an answer in time it
-/// starts on its own timeline and adopts the shared one once Redis answers.
-pub(super) fn join_cluster(
+/// Starts the cluster thread (following no room yet: the hub opens them).
+pub(super) fn start_cluster(
     cfg: &Config,
     url: &str,
     name: &str,
     lead: Duration,
-    clock: Clock,
     waker: &Arc<Waker>,
-) -> Result<(ClusterStart, Option<SharedTimeline>), ServerError> {
-    let own = Timeline::new(
-        cfg.bpm,
-        cfg.ppqn,
-        cfg.beats_per_bar,
-        clock.unix_now_ns() + 1_000_000,
-    );
+) -> Result<ClusterLink, ServerError> {
     let cluster_cfg = ClusterConfig {
         url: url.to_string(),
         name: name.to_string(),
         lead,
-        start_lead: Duration::from_nanos(lead::FLOOR_NS),
-        beats_per_bar: cfg.beats_per_bar,
+        limits: TimelineLimits {
+            min_bpm: cfg.min_bpm,
+            max_bpm: cfg.max_bpm,
+            ppqn: cfg.ppqn,
+            beats_per_bar: cfg.beats_per_bar,
+        },
+        room_idle: cfg.room_idle,
     };
-    let (thread, mut events) =
-        ClusterThread::spawn(cluster_cfg, to_shared(&own), Arc::clone(waker))
-            .map_err(ServerError::Cluster)?;
-    let mut status = ClusterStatus::default();
-    let mut joined = None;
-    let give_up = Instant::now() + CLUSTER_JOIN_WAIT;
-    while joined.is_none() && Instant::now() < give_up {
-        match events.pop() {
-            Ok(ClusterEvent::Adopt(shared)) if shared.ppqn == cfg.ppqn => joined = Some(shared),
-            Ok(ClusterEvent::Adopt(shared)) => {
-                warn!(
-                    "cluster {name}: its timeline has ppqn {}, ours {}; starting on our own",
-                    shared.ppqn, cfg.ppqn
-                );
-                break;
-            }
-            Ok(ClusterEvent::Status(s)) => status = s,
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
-    match joined {
-        Some(shared) => info!(
-            "cluster {name}: joined timeline version {} at {} BPM",
-            shared.version,
-            shared.bpm()
-        ),
-        None => warn!(
-            "cluster {name}: no timeline from Redis within {} s; ticking on our own until it answers",
-            CLUSTER_JOIN_WAIT.as_secs()
-        ),
-    }
-    Ok(((thread, events, status), joined))
+    let (thread, events) =
+        ClusterThread::spawn(cluster_cfg, Arc::clone(waker)).map_err(ServerError::Cluster)?;
+    Ok(ClusterLink {
+        thread,
+        events,
+        status: ClusterStatus::default(),
+    })
 }
 
 impl Server {
-    /// Takes what the cluster thread reports: status, and timelines to adopt.
+    /// Waits (briefly) for `main`'s shared timeline, so that a joining instance's first tick
+    /// is already in phase with the others. Without an answer in time `main` starts on its
+    /// own timeline (the state file's, or a fresh one) and adopts the shared one once Redis
+    /// answers.
+    pub(super) fn join_cluster(&mut self) {
+        let Some(name) = self.cfg.cluster.as_ref().map(|(_, name, _)| name.clone()) else {
+            return;
+        };
+        let main = self.hub.main();
+        let give_up = Instant::now() + CLUSTER_JOIN_WAIT;
+        while !self.hub.is_ready(main) && Instant::now() < give_up {
+            self.drain_cluster();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match self.hub.timeline(main) {
+            Some(t) if self.hub.is_ready(main) => info!(
+                "cluster {name}: joined timeline version {} at {} BPM",
+                t.version, t.bpm
+            ),
+            _ => {
+                warn!(
+                    "cluster {name}: no timeline from Redis within {} s; ticking on our own \
+                     until it answers",
+                    CLUSTER_JOIN_WAIT.as_secs()
+                );
+                self.hub
+                    .start_waiting(main, self.clock.now_ns(), &mut self.fx);
+                self.settle_hub();
+            }
+        }
+    }
+
+    /// Takes what the cluster thread reports: status, timelines to adopt, answers.
     pub(super) fn drain_cluster(&mut self) {
         loop {
             let Some(link) = self.cluster.as_mut() else {
@@ -118,61 +98,67 @@ impl Server {
             let Ok(event) = link.events.pop() else {
                 return;
             };
+            let now_ns = self.clock.now_ns();
             match event {
                 ClusterEvent::Status(status) => {
                     link.status = status;
-                    self.hub.set_cluster_connected(status.connected);
+                    self.hub.set_cluster_status(status.connected, status.fault);
                 }
-                ClusterEvent::Adopt(shared) => self.adopt(shared),
+                ClusterEvent::Adopt { room, timeline } => {
+                    // `check`ed by the cluster thread against this instance's limits.
+                    let timeline = cluster::to_timeline(&timeline, self.cfg.beats_per_bar);
+                    self.hub
+                        .cluster_timeline(room, timeline, now_ns, &mut self.fx);
+                }
+                ClusterEvent::Answer { id, outcome } => {
+                    self.hub.cluster_answer(id, outcome, &mut self.fx);
+                }
             }
+            self.settle_hub();
         }
     }
 
-    /// Follows a shared timeline: the hub adopts it, the timing thread announces it.
-    pub(super) fn adopt(&mut self, shared: SharedTimeline) {
-        if shared.ppqn != self.cfg.ppqn || !(1..=1_000_000).contains(&shared.bpm_milli) {
-            warn!(
-                "cluster: ignoring timeline version {} with ppqn {} (ours is {}); give every \
-                 instance the same --ppqn",
-                shared.version, shared.ppqn, self.cfg.ppqn
-            );
-            return;
-        }
-        let Some(link) = self.cluster.as_mut() else {
-            return;
-        };
-        if link.shared == Some(shared) {
-            return;
-        }
-        link.shared = Some(shared);
-        let room = link.room;
-        let timeline = from_shared(&shared, self.cfg.beats_per_bar);
-        self.hub
-            .cluster_timeline(room, timeline, self.clock.now_ns(), &mut self.fx);
-        self.settle_hub();
-    }
-
-    /// Hands a request to the cluster thread. (It shares `main`; other rooms stay local.)
+    /// Hands one of the hub's requests to the cluster thread. A change the ring has no room
+    /// for is answered at once (busy), never dropped silently.
     pub(super) fn ask_cluster(&mut self, ask: ClusterAsk) {
         let Some(link) = self.cluster.as_mut() else {
             return;
         };
-        let request = match ask {
-            ClusterAsk::Open { room, seed, .. } if room == link.room => {
-                if link.shared.is_some() {
-                    return;
-                }
-                ClusterRequest::Seed(to_shared(&seed))
+        let (id, request) = match ask {
+            ClusterAsk::Open { room, name, seed } => (
+                0,
+                ClusterRequest::Open {
+                    room,
+                    name,
+                    seed: cluster::from_timeline(&seed),
+                },
+            ),
+            ClusterAsk::Change {
+                id,
+                room,
+                change,
+                lead_ns,
+                ..
+            } => (
+                id,
+                ClusterRequest::Change {
+                    room,
+                    change,
+                    lead_ns,
+                },
+            ),
+            ClusterAsk::Occupied { room, occupied } => {
+                (0, ClusterRequest::Occupied { room, occupied })
             }
-            ClusterAsk::Change { room, change, .. } if room == link.room => match change {
-                Change::SetBpm(bpm) => ClusterRequest::SetBpm(bpm),
-                Change::Start(q) => ClusterRequest::Start(q),
-                Change::Stop => ClusterRequest::Stop,
-            },
-            _ => return,
+            ClusterAsk::Close { room, .. } => (0, ClusterRequest::Close { room }),
         };
-        if !link.thread.send(request) {
-            warn!("cluster thread not keeping up; request dropped");
+        let is_change = matches!(request, ClusterRequest::Change { .. });
+        if !link.thread.send(id, request) {
+            warn!("cluster thread not keeping up with requests; one refused");
+            if is_change {
+                self.hub.cluster_answer(id, Outcome::Lost, &mut self.fx);
+                self.settle_hub();
+            }
         }
     }
 }

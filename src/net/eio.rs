@@ -14,8 +14,8 @@
 //! one rate limit, one round trip and one place in the counts. A page that wants two rooms
 //! opens two connections (`io(url, { forceNew: true })`).
 
-use std::collections::VecDeque;
-use std::net::IpAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::connection::RateLimit;
@@ -27,6 +27,60 @@ use super::heartbeat::{Beat, Heartbeat};
 
 /// A connection's key in the reactor's slab.
 pub type ConnKey = usize;
+
+/// The key one peer's sessions are counted under: an IPv4 address (also when mapped into
+/// IPv6), or an IPv6 /64, the block one subscriber gets; counting single IPv6 addresses would
+/// let one host take as many as it has addresses to choose from.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+            )),
+        },
+        v4 => v4,
+    }
+}
+
+/// Long-polling sessions held per address ([`address_key`]), against
+/// `--max-sessions-per-ip`.
+#[derive(Debug, Default)]
+pub struct AddressCounts(HashMap<IpAddr, usize>, usize);
+
+impl AddressCounts {
+    /// Takes one place for `client`; false when it already holds `limit`.
+    pub fn try_add(&mut self, client: IpAddr, limit: usize) -> bool {
+        let held = self.0.entry(address_key(client)).or_insert(0);
+        if *held >= limit {
+            return false;
+        }
+        *held += 1;
+        self.1 += 1;
+        true
+    }
+
+    /// Gives back one place of `client`'s.
+    pub fn remove(&mut self, client: IpAddr) {
+        let key = address_key(client);
+        if let Some(held) = self.0.get_mut(&key) {
+            *held -= 1;
+            self.1 -= 1;
+            if *held == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    pub fn held(&self, client: IpAddr) -> usize {
+        self.0.get(&address_key(client)).copied().unwrap_or(0)
+    }
+
+    /// Places held, all addresses: the long-polling sessions (`--max-polling-sessions`).
+    pub fn total(&self) -> usize {
+        self.1
+    }
+}
 
 /// How a session's packets travel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +112,12 @@ pub struct Joined {
 #[derive(Debug)]
 pub struct EioSession {
     pub sid: String,
+    /// The client's address: requests for this session from any other are refused, so a
+    /// session id that leaks (a log, a screen share) is no use elsewhere.
     pub peer: IpAddr,
+    /// Holds one of its address's `--max-sessions-per-ip` places (a long-polling session,
+    /// until it upgrades).
+    pub holds_address_place: bool,
     pub link: Link,
     /// Encoded Engine.IO packets (`42[...]`, `2`, …) not yet delivered by a poll.
     queue: VecDeque<Arc<str>>,
@@ -88,6 +147,7 @@ impl EioSession {
         EioSession {
             sid,
             peer,
+            holds_address_place: false,
             link,
             queue: VecDeque::new(),
             heartbeat,
@@ -222,6 +282,13 @@ impl EioSession {
         self.last_seen_ns = now_ns;
     }
 
+    /// A session that has not connected to a namespace (`40`, which makes it a counted
+    /// client) within `timeout` of its handshake is a handshake left hanging, not a client: one
+    /// peer could otherwise hold a table full of them with a pong every few seconds.
+    pub fn connect_overdue(&self, now_ns: u64, timeout_ns: u64) -> bool {
+        self.counted.is_none() && now_ns.saturating_sub(self.opened_ns) >= timeout_ns
+    }
+
     /// The heartbeat, for either transport: a ping every `interval`, death when one goes
     /// unanswered for `timeout`; and, while polling, death when the client has made no
     /// request for `interval + timeout` (a stock client always has a GET outstanding, so that
@@ -317,6 +384,38 @@ mod tests {
             );
             assert_eq!(s.health(50 * S, 20 * S, 10 * S), Beat::Dead);
         }
+    }
+
+    #[test]
+    fn a_session_that_never_connects_is_overdue_after_the_handshake_timeout() {
+        let mut s = session(Link::Polling { waiting: None });
+        assert!(!s.connect_overdue(9 * S, 10 * S));
+        assert!(s.connect_overdue(10 * S, 10 * S));
+        s.counted = Some(ClientKind::SocketIoPolling);
+        assert!(!s.connect_overdue(1_000 * S, 10 * S));
+    }
+
+    #[test]
+    fn addresses_are_counted_per_ipv4_or_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut counts = AddressCounts::default();
+        assert!(counts.try_add(ip("192.0.2.1"), 2));
+        assert!(
+            counts.try_add(ip("::ffff:192.0.2.1"), 2),
+            "mapped: the same host"
+        );
+        assert!(!counts.try_add(ip("192.0.2.1"), 2));
+        assert!(counts.try_add(ip("192.0.2.2"), 2), "another host");
+        assert!(counts.try_add(ip("2001:db8:1:2::1"), 2));
+        assert!(counts.try_add(ip("2001:db8:1:2:ffff::9"), 2));
+        assert!(!counts.try_add(ip("2001:db8:1:2:abcd::1"), 2), "same /64");
+        assert!(counts.try_add(ip("2001:db8:1:3::1"), 2), "next /64");
+        counts.remove(ip("192.0.2.1"));
+        assert_eq!(counts.held(ip("192.0.2.1")), 1);
+        assert!(counts.try_add(ip("192.0.2.1"), 2));
+        counts.remove(ip("192.0.2.2"));
+        assert_eq!(counts.held(ip("192.0.2.2")), 0);
+        assert_eq!(counts.0.len(), 3, "empty entries are dropped");
     }
 
     #[test]

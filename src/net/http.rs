@@ -1,15 +1,26 @@
-//! HTTP requests: the routing table's answers, and the WebSocket upgrade checks.
+//! HTTP requests: the routing table's answers, the WebSocket upgrade checks, and the answers
+//! the page worker makes off the loop (`--www` files, QR codes).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
 use crate::hub::JoinError;
+use crate::join::{self, JoinInfo};
 use crate::metrics;
+use crate::page_worker::{self, Job};
 use crate::stats::RefuseReason;
 use crate::wire::http::{self, Request, Route as HttpRoute};
+use crate::www;
 
 use super::reactor::*;
+
+/// How long a request waits for the page worker before its connection is dropped (a disk
+/// that hangs); the worker answers in microseconds to milliseconds otherwise.
+const PAGE_BACKSTOP: Duration = Duration::from_secs(10);
+/// How long `/join`'s list of LAN addresses is reused before the interfaces are read again
+/// (a laptop may change networks while it runs).
+const JOIN_CACHE: Duration = Duration::from_secs(2);
 
 /// What to tell a client the hub would not let in (before the upgrade).
 pub(super) fn refusal(e: &JoinError) -> (u16, Vec<u8>) {
@@ -45,8 +56,31 @@ impl Server {
                 Err(refusal) => refusal,
             },
             HttpRoute::SocketIo => return self.on_socketio_request(key, req, now),
-            HttpRoute::Asset(asset) => (200, http::response(200, asset.content_type, asset.body)),
-            HttpRoute::Healthz => match self.stats.degraded() {
+            HttpRoute::Asset(asset) => {
+                let cors = www::cors_headers(req.header("origin"), &self.cfg.allowed_origins);
+                let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+                (
+                    200,
+                    http::response_with(200, asset.content_type, &extra, asset.body),
+                )
+            }
+            HttpRoute::Join => (
+                200,
+                http::response(200, "application/json", self.join_json().as_bytes()),
+            ),
+            HttpRoute::Qr => match join::qr_text(&req.query) {
+                Ok(text) => return self.ask_pages(key, &req, Job::Qr { text }, now),
+                Err(e) => (400, http::text_error(400, &e.to_string())),
+            },
+            // Not embedded and not an endpoint: the operator's own pages, if any.
+            HttpRoute::NotFound if self.cfg.www.is_some() => {
+                let job = Job::File {
+                    path: req.path.clone(),
+                    if_none_match: req.header("if-none-match").map(str::to_string),
+                };
+                return self.ask_pages(key, &req, job, now);
+            }
+            HttpRoute::Healthz => match self.stats.degraded(self.silent_for()) {
                 None => (200, http::response(200, "text/plain; charset=utf-8", b"ok")),
                 Some(why) => (
                     503,
@@ -84,12 +118,25 @@ impl Server {
                     b"405 Method Not Allowed: /socket.io/ takes GET, POST and OPTIONS\n",
                 ),
             ),
-            HttpRoute::MethodNotAllowed => (405, http::text_error(405, "only GET is served")),
+            HttpRoute::MethodNotAllowed if req.path == "/ws" => (
+                405,
+                http::response_with(
+                    405,
+                    "text/plain; charset=utf-8",
+                    &["Allow: GET"],
+                    b"405 Method Not Allowed: /ws takes a GET with a WebSocket upgrade\n",
+                ),
+            ),
+            HttpRoute::MethodNotAllowed => {
+                (405, http::text_error(405, "only GET and HEAD are served"))
+            }
         };
         let (status, bytes) = response;
         self.respond(key, &req, status, bytes, now);
     }
 
+    /// Sends a complete response and closes. Every response passes here, so a `HEAD` gets the
+    /// `GET`'s status and headers without its body whatever route answered it.
     pub(super) fn respond(
         &mut self,
         key: usize,
@@ -100,9 +147,68 @@ impl Server {
     ) {
         self.stats.count_http(status);
         debug!("http {} {} -> {status}", req.method, req.path);
+        let bytes = if req.is_head() {
+            http::without_body(bytes)
+        } else {
+            bytes
+        };
         if let Some(s) = self.socks.get_mut(key) {
             s.conn.respond(bytes, now);
         }
+    }
+
+    /// Hands a request to the page worker and parks its connection until the answer comes
+    /// back (`drain_pages`); a worker with too much to do gets the client a 503 at once.
+    pub(super) fn ask_pages(&mut self, key: usize, req: &Request, job: Job, now: Instant) {
+        let cors = www::cors_headers(req.header("origin"), &self.cfg.allowed_origins);
+        let head_only = req.method == "HEAD";
+        match self.pages.submit(key, job, head_only, req.keep_alive, cors) {
+            Some(ticket) => {
+                debug!("http {} {} -> page worker", req.method, req.path);
+                if let Some(s) = self.socks.get_mut(key) {
+                    s.conn
+                        .park_for_page(ticket, now + PAGE_BACKSTOP, req.keep_alive);
+                }
+            }
+            None => self.respond(key, req, 503, page_worker::busy(false), now),
+        }
+    }
+
+    /// Sends the page worker's finished answers to the connections still waiting for them.
+    pub(super) fn drain_pages(&mut self) {
+        let now = Instant::now();
+        while let Some(answer) = self.pages.answer() {
+            // The client may have gone, and its key been reused: the ticket tells.
+            let Some(s) = self.socks.get_mut(answer.conn) else {
+                continue;
+            };
+            if s.conn.page_ticket != Some(answer.ticket) {
+                continue;
+            }
+            self.stats.count_http(answer.status);
+            s.conn.answer_page(answer.head, answer.body, now);
+            self.after_io(answer.conn);
+        }
+        self.remove_finished();
+    }
+
+    /// `/join`: where devices on the LAN reach this server.
+    pub(super) fn join_json(&mut self) -> String {
+        let now = Instant::now();
+        if let Some((made, json)) = &self.join_cache
+            && now.duration_since(*made) < JOIN_CACHE
+        {
+            return json.clone();
+        }
+        let interfaces = join::interface_addresses().unwrap_or_else(|e| {
+            debug!("cannot list interfaces: {e}");
+            Vec::new()
+        });
+        let ip = self.local_addr.ip();
+        let lan = join::lan_addresses(ip, &interfaces);
+        let json = JoinInfo::new(ip, self.local_addr.port(), &lan).json();
+        self.join_cache = Some((now, json.clone()));
+        json
     }
 
     /// The WebSocket handshake checks shared by `/ws` and `/socket.io/`: a valid upgrade, and

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -23,26 +23,28 @@ use thiserror::Error;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
-use crate::cluster::{ClusterEvents, ClusterStatus, ClusterThread, SharedTimeline};
+use crate::cluster;
 use crate::config::Config;
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
 use crate::hub::{ClientId, Effect, Hub, HubConfig};
 use crate::lead::{self, LeadPolicy};
 use crate::metrics;
-use crate::room::{RoomKey, RoomName};
-use crate::room_timing::{TimingConfig, TimingEvent, TimingEvents, TimingThread};
+use crate::page_worker::PageWorker;
+use crate::room::RoomName;
+use crate::room_timing::{Realtime, TimingConfig, TimingEvent, TimingEvents, TimingThread};
 use crate::rt;
+use crate::state::{self, Persisted, SavedRoom, StateWriter};
 use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
 use crate::tempo::Bpm;
 use crate::timeline::Timeline;
-use crate::timing::Realtime;
 use crate::transport::TransportState;
 use crate::wire::engineio::{self};
 use crate::wire::http::{self};
 use crate::wire::protocol::{self, ClientError, Outgoing, SharedFrame};
+use crate::www;
 
 use super::cluster::*;
-use super::eio::{ConnKey, EioSession};
+use super::eio::{AddressCounts, ConnKey, EioSession};
 use super::fanout::*;
 use super::heartbeat::{Beat, Heartbeat};
 
@@ -69,8 +71,10 @@ pub(super) const WS_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub(super) const BUSY_POLL_GRACE: Duration = Duration::from_millis(1);
 /// How long accepting pauses when the process is out of file descriptors.
 pub(super) const FD_BACKOFF: Duration = Duration::from_millis(250);
-/// How long `bind` waits for a cluster's timeline before starting on its own.
-pub(super) const CLUSTER_JOIN_WAIT: Duration = Duration::from_secs(3);
+/// Sockets sampled for a stall per housekeeping round, at most (about 0.3 ms of system calls).
+pub(super) const STALL_SAMPLES_PER_ROUND: usize = 1024;
+/// How often, at most, the log says that the timing thread skipped ticks.
+pub(super) const SKIP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or keep running.
 #[derive(Debug, Error)]
@@ -85,6 +89,8 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("cannot start the cluster thread: {0}; check --cluster")]
     Cluster(io::Error),
+    #[error("cannot start the page worker thread: {0}")]
+    Pages(io::Error),
 }
 
 /// What a socket serves.
@@ -120,17 +126,6 @@ pub(super) enum Via {
 pub(super) struct Route {
     pub(super) generation: u32,
     pub(super) via: Via,
-}
-
-/// The loop's side of a cluster (`--cluster`).
-pub(super) struct ClusterLink {
-    pub(super) thread: ClusterThread,
-    pub(super) events: ClusterEvents,
-    pub(super) status: ClusterStatus,
-    /// The shared timeline last adopted.
-    pub(super) shared: Option<SharedTimeline>,
-    /// The room the cluster thread follows (main).
-    pub(super) room: RoomKey,
 }
 
 pub struct Server {
@@ -169,14 +164,27 @@ pub struct Server {
     pub(super) finished: Vec<usize>,
     /// Engine.IO's ping packet, as a frame.
     pub(super) eio_ping: SharedFrame,
-    /// The state of the rooms changed since it was last handed to the state file.
-    pub(super) persist_pending: bool,
-    pub(super) skip_logged: bool,
+    /// Writes the state file on every change (`--state`), when it can.
+    pub(super) state: Option<StateWriter>,
+    /// Makes `--www` files and QR codes off the loop.
+    pub(super) pages: PageWorker,
+    /// `/join`'s body, and when it was made.
+    pub(super) join_cache: Option<(Instant, String)>,
+    /// Long-polling sessions per client address, against `--max-sessions-per-ip`.
+    pub(super) session_addresses: AddressCounts,
+    /// Socket.IO callbacks waiting for the cluster's answer: the hub's ask id, the session and
+    /// its ack id.
+    pub(super) acks: HashMap<u64, (usize, u64)>,
+    /// Counts housekeeping rounds, to spread stall sampling over them.
+    pub(super) housekeeping_round: usize,
+    /// Ticks the timing thread skipped since the last log line about it, and when that was.
+    pub(super) skips_unlogged: u64,
+    pub(super) skip_logged_at: Option<Instant>,
 }
 
 impl Server {
-    /// Binds the port, starts the timing thread (and the cluster thread), and opens `main`.
-    /// Ticks start flowing at once; `run` sends them.
+    /// Binds the port, starts the timing thread (and the cluster thread), and opens `main` and
+    /// the rooms the state file had. Ticks start flowing at once; `run` sends them.
     pub fn bind(cfg: Config) -> Result<Server, ServerError> {
         let addr = SocketAddr::new(cfg.bind, cfg.port);
         let mut listener =
@@ -192,17 +200,44 @@ impl Server {
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(ServerError::Signals)?;
         let clock = Clock::start();
+        // The state file's rooms, unless a cluster's shared timelines win (they do: in a
+        // cluster what was saved is only the seed).
+        let startup = match &cfg.state_file {
+            Some(path) => state::startup(path, &cfg, clock.unix_now_ns()),
+            None => state::Startup::off(),
+        };
+        // Each announced from its first tick after now, on the grid it had.
+        let now = clock.unix_now_ns();
+        let mut restored: Vec<(RoomName, Timeline)> = Vec::new();
+        if let Some(resume) = &startup.resume {
+            restored.push((
+                RoomName::main(),
+                cluster::to_timeline(&resume.timeline, resume.beats_per_bar).anchored_from(now),
+            ));
+        }
+        for (name, resume) in &startup.rooms {
+            restored.push((
+                name.clone(),
+                cluster::to_timeline(&resume.timeline, resume.beats_per_bar).anchored_from(now),
+            ));
+        }
+        if cfg.cluster.is_some() && !restored.is_empty() {
+            info!("state: in a cluster the shared timelines win over the state file's");
+        }
+        if let Some(dir) = &cfg.www {
+            for hidden in www::shadowed(dir) {
+                warn!(
+                    "www: {} is never served: the embedded page of that name wins; rename it",
+                    hidden.display()
+                );
+            }
+        }
+        let pages =
+            PageWorker::spawn(cfg.www.clone(), Arc::clone(&waker)).map_err(ServerError::Pages)?;
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
             prewake: cfg.prewake,
             spin: cfg.spin,
-        };
-        let (cluster, joined) = match &cfg.cluster {
-            None => (None, None),
-            Some((url, name, lead)) => {
-                let (link, joined) = join_cluster(&cfg, url, name, *lead, clock, &waker)?;
-                (Some(link), joined)
-            }
         };
         let timing_cfg = TimingConfig {
             max_rooms: cfg.max_rooms,
@@ -210,10 +245,15 @@ impl Server {
             realtime,
         };
         let (timing, mut streams) =
-            TimingThread::spawn(timing_cfg, clock, vec![waker]).map_err(ServerError::Timing)?;
+            TimingThread::spawn(timing_cfg, clock, vec![Arc::clone(&waker)])
+                .map_err(ServerError::Timing)?;
         let timing_events = streams
             .pop()
             .ok_or_else(|| ServerError::Timing(io::Error::other("no event stream")))?;
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some((url, name, lead)) => Some(start_cluster(&cfg, url, name, *lead, &waker)?),
+        };
         let cluster_lead_ms = cfg
             .cluster
             .as_ref()
@@ -236,12 +276,8 @@ impl Server {
             clustered: cluster.is_some(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        let restored: Vec<(RoomName, Timeline)> = joined
-            .map(|shared| vec![(RoomName::main(), from_shared(&shared, cfg.beats_per_bar))])
-            .unwrap_or_default();
         let mut fx = Vec::new();
         let hub = Hub::new(hub_cfg, clock.unix_ns(0), clock.now_ns(), restored, &mut fx);
-        let main = hub.main();
         let mut server = Server {
             cfg,
             poll,
@@ -262,13 +298,7 @@ impl Server {
             stats: ServerStats::default(),
             started: Instant::now(),
             fanout_events: Some(Events::with_capacity(256)),
-            cluster: cluster.map(|(thread, events, status)| ClusterLink {
-                thread,
-                events,
-                status,
-                shared: joined,
-                room: main,
-            }),
+            cluster,
             accept_paused_until: None,
             fd_limit_logged: false,
             shutdown_by: None,
@@ -276,14 +306,77 @@ impl Server {
             readable_again: Vec::new(),
             finished: Vec::new(),
             eio_ping: protocol::text_frame("2"),
-            persist_pending: false,
-            skip_logged: false,
+            state: None,
+            pages,
+            join_cache: None,
+            session_addresses: AddressCounts::default(),
+            acks: HashMap::new(),
+            housekeeping_round: 0,
+            skips_unlogged: 0,
+            skip_logged_at: None,
         };
-        if let Some(link) = &server.cluster {
-            server.hub.set_cluster_connected(link.status.connected);
-        }
         server.carry_out(fx);
+        server.join_cluster();
+        // The state file is written from here on, starting with what the rooms are now.
+        if let (Some(path), true) = (&server.cfg.state_file, startup.may_write) {
+            let first = server.persisted();
+            match StateWriter::start(path.clone(), first, clock, startup.lock) {
+                Ok(writer) => {
+                    if startup.fresh {
+                        info!(
+                            "state: no {} yet; starting afresh, saving there",
+                            path.display()
+                        );
+                    }
+                    server.state = Some(writer);
+                }
+                Err(e) => warn!("state: {e}; running without saving the state"),
+            }
+        }
         Ok(server)
+    }
+
+    /// What the state file keeps: every room's timeline as the hub has it.
+    pub(super) fn persisted(&self) -> Persisted {
+        let mut rooms = Vec::new();
+        let mut main = None;
+        for (name, timeline) in self.hub.persisted() {
+            let shared = cluster::from_timeline(&timeline);
+            if name.is_main() {
+                main = Some((shared, timeline.beats_per_bar));
+            } else {
+                rooms.push(SavedRoom {
+                    name,
+                    timeline: shared,
+                    beats_per_bar: timeline.beats_per_bar,
+                });
+            }
+        }
+        let (timeline, beats_per_bar) = main.unwrap_or_else(|| {
+            let t = Timeline::new(
+                self.cfg.bpm,
+                self.cfg.ppqn,
+                self.cfg.beats_per_bar,
+                self.clock.unix_now_ns(),
+            );
+            (cluster::from_timeline(&t), self.cfg.beats_per_bar)
+        });
+        Persisted {
+            timeline,
+            beats_per_bar,
+            rooms,
+        }
+    }
+
+    /// Hands the rooms' state to the writer thread (`--state`); it writes off the loop.
+    pub(super) fn save_state(&mut self) {
+        if self.state.is_none() {
+            return;
+        }
+        let state = self.persisted();
+        if let Some(writer) = self.state.as_mut() {
+            writer.save(state);
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -332,6 +425,7 @@ impl Server {
             }
             self.drain_timing();
             self.drain_cluster();
+            self.drain_pages();
             self.run_jobs();
             for event in events.iter() {
                 self.on_event(event);
@@ -362,6 +456,9 @@ impl Server {
         }
         if let Some(timing) = self.timing.take() {
             timing.stop();
+        }
+        if let Some(writer) = self.state.take() {
+            writer.stop();
         }
         info!("shutdown complete ({left} connections cut at the deadline)");
         Ok(())
@@ -404,7 +501,15 @@ impl Server {
                     }
                 }
                 Effect::Cluster(ask) => self.ask_cluster(ask),
-                Effect::Persist => self.persist_pending = true,
+                Effect::Persist => self.save_state(),
+                Effect::Answer {
+                    ask,
+                    client,
+                    result,
+                } => {
+                    let ack = self.acks.remove(&ask).map(|(_, ack)| ack);
+                    self.conclude(client, ack, result);
+                }
             }
         }
     }
@@ -435,9 +540,14 @@ impl Server {
         });
     }
 
-    /// The client leaves its room, and its route goes.
+    /// The client leaves its room, and its route goes (and any callback still waiting for
+    /// the cluster's answer to one of its requests).
     pub(super) fn forget(&mut self, client: ClientId) {
-        self.hub.leave(client, self.clock.now_ns());
+        let now_ns = self.clock.now_ns();
+        for ask in self.hub.leave(client, now_ns, &mut self.fx) {
+            self.acks.remove(&ask);
+        }
+        self.settle_hub();
         if let Some(route) = self.routes.get_mut(client.slot as usize)
             && route.is_some_and(|r| r.generation == client.generation)
         {
@@ -506,16 +616,14 @@ impl Server {
                     // moves it later).
                     self.busy_poll_until = Some(self.clock.instant(deadline_ns) + BUSY_POLL_GRACE);
                 }
-                TimingEvent::Skipped { room, ticks } => {
-                    if !self.skip_logged {
-                        warn!(
-                            "timing thread held up: room slot {} skipped {ticks} ticks rather than \
-                             fire them late (counted in dropped_ticks; logged once)",
-                            room.slot
-                        );
-                        self.skip_logged = true;
-                    }
-                }
+                TimingEvent::Skipped { ticks, to, .. } => self.on_skip(ticks, to),
+                TimingEvent::Exhausted { room } => error!(
+                    "timing: room {}'s tick count reached its end (u64::MAX); no ticks there \
+                     until its timeline changes",
+                    self.hub
+                        .room_name(room)
+                        .map_or_else(|| "?".to_string(), ToString::to_string)
+                ),
                 TimingEvent::Timeline { timeline, .. } => {
                     info!(
                         "timeline v{}: {} BPM from tick {}, {} from tick {}",
@@ -533,6 +641,26 @@ impl Server {
         }
         self.stats.tempo_changes = self.hub.tempo_changes();
         self.stats.transport_changes = self.hub.transport_changes();
+    }
+
+    /// The timing thread fell behind and skipped ticks. Said once, then at most once per
+    /// [`SKIP_LOG_EVERY`] with the total since, so a machine that keeps stalling does not
+    /// flood the log.
+    pub(super) fn on_skip(&mut self, ticks: u64, to: u64) {
+        self.skips_unlogged += ticks;
+        let now = Instant::now();
+        if self
+            .skip_logged_at
+            .is_none_or(|at| now.duration_since(at) >= SKIP_LOG_EVERY)
+        {
+            warn!(
+                "timing: fell behind and skipped {} ticks rather than send them at once (next \
+                 is tick {to}); was the process stopped, or is the machine overloaded?",
+                self.skips_unlogged
+            );
+            self.skips_unlogged = 0;
+            self.skip_logged_at = Some(now);
+        }
     }
 
     // ---- connections ----
@@ -728,6 +856,10 @@ impl Server {
                                 Rate::Allow => self.on_ws_message(key, m),
                                 Rate::Refuse { warn } => {
                                     self.stats.client_errors += 1;
+                                    // A refused message gets no answer, pings included.
+                                    if matches!(m, tungstenite::Message::Ping(_)) {
+                                        s.conn.refuse_pong();
+                                    }
                                     if warn {
                                         let err =
                                             ClientError::RateLimited(self.cfg.max_messages_per_sec);
@@ -780,6 +912,11 @@ impl Server {
         let timeout = self.cfg.handshake_timeout;
         let (interval, ping_timeout) = (self.cfg.ping_interval, self.cfg.ping_timeout);
         let ws_interval = self.ws_probe_interval_ns();
+        // Sampling a socket for a stall costs a system call: with many clients each is sampled
+        // every few rounds (the watch measures time, not samples).
+        let stride = 1 + self.socks.len() / STALL_SAMPLES_PER_ROUND;
+        let round = self.housekeeping_round;
+        self.housekeeping_round = round.wrapping_add(1);
         let keys: Vec<usize> = self.socks.iter().map(|(k, _)| k).collect();
         for key in keys {
             let Some(s) = self.socks.get_mut(key) else {
@@ -787,6 +924,9 @@ impl Server {
             };
             if s.conn.expire(now, timeout) {
                 self.stats.count_refused(RefuseReason::HandshakeTimeout);
+            }
+            if key.wrapping_add(round).is_multiple_of(stride) && s.conn.check_stall(now) {
+                debug!("stalled client peer={}: not reading", s.conn.peer);
             }
             match &mut s.owner {
                 Owner::Ws { heartbeat, .. } if s.conn.is_open() => {
@@ -825,6 +965,24 @@ impl Server {
             let Some(session) = self.sessions.get_mut(skey) else {
                 continue;
             };
+            if session.connect_overdue(now_ns, nanos(timeout)) {
+                // Never connected to a namespace: a handshake left hanging, not a client.
+                self.stats.count_refused(RefuseReason::ConnectTimeout);
+                if let Some(socket) = session.socket()
+                    && let Some(s) = self.socks.get_mut(socket)
+                {
+                    s.owner = Owner::Http;
+                    s.conn.close_ws(
+                        CloseCode::Policy,
+                        "no Socket.IO connect within the handshake timeout",
+                        CloseReason::ProtocolError,
+                        now,
+                    );
+                    self.after_io(socket);
+                }
+                self.close_session(skey, CloseReason::PingTimeout);
+                continue;
+            }
             match session.health(now_ns, nanos(interval), nanos(ping_timeout)) {
                 Beat::Quiet => {}
                 Beat::Ping { .. } => match session.socket() {
@@ -842,6 +1000,9 @@ impl Server {
         self.remove_finished();
         self.hub.housekeeping(now_ns, &mut self.fx);
         self.settle_hub();
+        if let Some(writer) = self.state.as_mut() {
+            writer.retry();
+        }
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
             self.accept();
@@ -898,6 +1059,14 @@ impl Server {
         self.remove_finished();
     }
 
+    /// How long a playing room has gone without a tick, when that is too long (`/healthz`).
+    pub(super) fn silent_for(&self) -> Option<Duration> {
+        if self.shutdown_by.is_some() {
+            return None;
+        }
+        self.hub.silent_for(self.clock.now_ns())
+    }
+
     pub(super) fn metric_table(&self) -> Vec<metrics::Metric> {
         let main = self.hub.report(self.hub.main());
         let rooms = self.hub.reports();
@@ -913,6 +1082,8 @@ impl Server {
             transport_count: main.as_ref().map_or(0, |r| r.transport_count),
             uptime_s: self.started.elapsed().as_secs_f64(),
             dropped_ticks: self.timing.as_ref().map_or(0, TimingThread::dropped_ticks),
+            skipped_ticks: self.timing.as_ref().map_or(0, TimingThread::skipped_ticks),
+            silent_for: self.silent_for(),
             cluster: self.cluster.as_ref().map(|l| l.status),
             stats: &self.stats,
         };

@@ -4,7 +4,7 @@
 //! The state of each client is its [`EioSession`]; this file carries out what its packets
 //! mean and writes what it is owed, on whatever transport carries it.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +12,7 @@ use log::{debug, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::connection::{Rate, RateLimit};
-use crate::hub::JoinError;
+use crate::hub::{Decision, JoinError};
 use crate::stats::{ClientKind, CloseReason, RefuseReason};
 use crate::wire::engineio::{self, EioError, Packet, SioPacket, Transport as EioTransport};
 use crate::wire::http::{self, Request};
@@ -38,20 +38,29 @@ impl Server {
             Ok(q) => q,
             Err(e) => return self.eio_refuse(key, &req, e, &cors, now),
         };
+        let Some(peer) = self.socks.get(key).map(|s| s.conn.peer.ip()) else {
+            return;
+        };
+        let client = http::client_ip(&req, self.cfg.client_ip_header.as_deref(), peer);
+        // A session answers only its own client: to anyone else its id is unknown, so that an
+        // id that leaked (a log, a shared screen) is of no use from elsewhere. A session on a
+        // WebSocket is reached by its socket alone: for HTTP its id is spent, as it always was.
         let session = match &query.sid {
             None => None,
-            // A session on a WebSocket is reached by its socket alone: for HTTP its id is
-            // spent, as it always was.
             Some(sid) => match self.sids.get(sid) {
                 Some(&skey)
                     if self
                         .sessions
                         .get(skey)
-                        .is_some_and(|s| s.socket().is_none()) =>
+                        .is_some_and(|s| s.socket().is_none() && s.peer == client) =>
                 {
                     Some(skey)
                 }
-                _ => return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now),
+                Some(_) => {
+                    debug!("socket.io session id presented from elsewhere ({client}), or spent");
+                    return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now);
+                }
+                None => return self.eio_refuse(key, &req, EioError::SessionIdUnknown, &cors, now),
             },
         };
         match (query.transport, session, req.method.as_str()) {
@@ -65,10 +74,12 @@ impl Server {
                 }
             },
             (EioTransport::WebSocket, None, "GET") => match self.check_ws_upgrade(&req) {
-                Ok(accept) => self.socketio_websocket(key, &req, &accept),
+                Ok(accept) => self.socketio_websocket(key, &req, &accept, client),
                 Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
             },
-            (EioTransport::Polling, None, "GET") => self.polling_handshake(key, &req, cors, now),
+            (EioTransport::Polling, None, "GET") => {
+                self.polling_handshake(key, &req, client, cors, now)
+            }
             (EioTransport::Polling, Some(skey), "GET") => self.poll(key, &req, skey, cors, now),
             (EioTransport::Polling, Some(skey), "POST") => self.post(key, &req, skey, cors, now),
             (_, None, _) => self.eio_refuse(key, &req, EioError::BadHandshakeMethod, &cors, now),
@@ -136,7 +147,7 @@ impl Server {
     pub(super) fn new_session(
         &mut self,
         req: &Request,
-        peer: SocketAddr,
+        client: IpAddr,
         link: Link,
     ) -> Option<usize> {
         let sid = match engineio::new_sid() {
@@ -150,7 +161,7 @@ impl Server {
         let interval = nanos(self.cfg.ping_interval);
         let mut session = EioSession::new(
             sid.clone(),
-            peer.ip(),
+            client,
             link,
             RateLimit::new(self.cfg.max_messages_per_sec),
             Heartbeat::new(now_ns, interval),
@@ -162,12 +173,16 @@ impl Server {
         Some(skey)
     }
 
-    /// A Socket.IO client on a WebSocket from the start.
-    pub(super) fn socketio_websocket(&mut self, key: usize, req: &Request, accept: &str) {
-        let Some(peer) = self.socks.get(key).map(|s| s.conn.peer) else {
-            return;
-        };
-        let Some(skey) = self.new_session(req, peer, Link::WebSocket { socket: key }) else {
+    /// A Socket.IO client on a WebSocket from the start. It counts as a client from its
+    /// namespace connect (`40`) on, like a polling session.
+    pub(super) fn socketio_websocket(
+        &mut self,
+        key: usize,
+        req: &Request,
+        accept: &str,
+        client: IpAddr,
+    ) {
+        let Some(skey) = self.new_session(req, client, Link::WebSocket { socket: key }) else {
             let bytes = http::text_error(503, "cannot create a session; try again");
             return self.respond(key, req, 503, bytes, Instant::now());
         };
@@ -184,8 +199,6 @@ impl Server {
         );
         s.owner = Owner::Eio(skey);
         s.conn.send(&open, self.cfg.max_queue);
-        self.stats.client_opened(ClientKind::SocketIoWs);
-        self.sessions[skey].counted = Some(ClientKind::SocketIoWs);
         debug!("socket.io websocket open peer={}", s.conn.peer);
     }
 
@@ -218,33 +231,45 @@ impl Server {
         debug!("socket.io websocket probing peer={}", s.conn.peer);
     }
 
+    /// Opens a long-polling session for `client`: within `--max-clients`,
+    /// `--max-polling-sessions` and, for that address, `--max-sessions-per-ip`. The session
+    /// counts as a client only once it connects to a namespace (`40`), and is closed if it has
+    /// not within `--handshake-timeout` (housekeeping).
     pub(super) fn polling_handshake(
         &mut self,
         key: usize,
         req: &Request,
+        client: IpAddr,
         cors: Vec<String>,
         now: Instant,
     ) {
+        let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
         if self.stats.clients >= self.cfg.max_clients
-            || self.sessions.len() >= self.cfg.max_polling_sessions
+            || self.session_addresses.total() >= self.cfg.max_polling_sessions
         {
             self.stats.count_refused(RefuseReason::MaxClients);
-            let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
             let body = r#"{"code":3,"message":"Server full; try again later"}"#;
             let bytes = http::response_with(503, "application/json", &extra, body.as_bytes());
             return self.respond(key, req, 503, bytes, now);
         }
-        let Some(peer) = self.socks.get(key).map(|s| s.conn.peer) else {
-            return;
-        };
-        let Some(skey) = self.new_session(req, peer, Link::Polling { waiting: None }) else {
+        if self.session_addresses.held(client) >= self.cfg.max_sessions_per_ip {
+            self.stats.count_refused(RefuseReason::SessionsPerIp);
+            let body = format!(
+                r#"{{"code":3,"message":"{} sessions from your address already; try again later"}}"#,
+                self.cfg.max_sessions_per_ip
+            );
+            let bytes = http::response_with(429, "application/json", &extra, body.as_bytes());
+            return self.respond(key, req, 429, bytes, now);
+        }
+        let Some(skey) = self.new_session(req, client, Link::Polling { waiting: None }) else {
             let bytes = http::text_error(503, "cannot create a session; try again");
             return self.respond(key, req, 503, bytes, now);
         };
+        self.session_addresses
+            .try_add(client, self.cfg.max_sessions_per_ip);
+        self.sessions[skey].holds_address_place = true;
         let sid = self.sessions[skey].sid.clone();
         let open = self.open_packet(&sid, &["websocket"]);
-        self.sessions[skey].counted = Some(ClientKind::SocketIoPolling);
-        self.stats.client_opened(ClientKind::SocketIoPolling);
         let bytes = Self::poll_response(req.keep_alive, &cors, &open);
         self.respond_polling(key, req, bytes, now);
     }
@@ -443,6 +468,11 @@ impl Server {
         };
         session.heartbeat.heard();
         let cors = session.cors.clone();
+        // No longer a long-polling session: its address's place is free again.
+        if session.holds_address_place {
+            session.holds_address_place = false;
+            self.session_addresses.remove(session.peer);
+        }
         if let Some(kind) = session.counted.as_mut()
             && *kind == ClientKind::SocketIoPolling
         {
@@ -509,24 +539,18 @@ impl Server {
                 };
                 let result = protocol::decode_event(&name, data.as_ref())
                     .and_then(|m| self.on_client_message(client, m, received_ns));
-                if let Err(err) = &result {
-                    self.stats.client_errors += 1;
-                    // A client that passed a callback hears through it; others by event.
-                    if ack.is_none() {
-                        self.reply(client, &protocol::error(err));
-                    }
-                }
-                if let Some(id) = ack {
-                    // The callback gets {ok:true} (the change itself arrives as bpmChange,
-                    // transport, ...) or the error's {ok:false, code, message}.
-                    let arg = match result {
-                        Ok(()) => r#"{"ok":true}"#.to_string(),
-                        Err(err) => {
-                            let e = protocol::error(&err);
-                            format!(r#"{{"ok":false,"error":{}}}"#, e.data)
+                match result {
+                    // The callback waits for the cluster's answer (`Effect::Answer`).
+                    Ok(Decision::Asked(ask)) => {
+                        if let Some(id) = ack {
+                            self.acks.insert(ask, (skey, id));
                         }
-                    };
-                    self.send_packet(skey, &engineio::ack_in(&nsp, id, &arg));
+                    }
+                    // The callback gets {ok:true} (the change itself arrives as bpmChange,
+                    // transport, ...) or the error's {ok:false, code, message}; a client
+                    // without one hears of an error by event.
+                    Ok(Decision::Done) => self.conclude(client, ack, Ok(())),
+                    Err(err) => self.conclude(client, ack, Err(err)),
                 }
             }
             SioPacket::Ack => {}
@@ -592,6 +616,16 @@ impl Server {
             .into_iter()
             .chain(by_auth.as_deref())
             .collect();
+        // A session counts as a client from its first namespace connect on; a full server
+        // refuses it here (a stock client reports connect_error, and may try again).
+        if session.counted.is_none() && self.stats.clients >= self.cfg.max_clients {
+            self.stats.count_refused(RefuseReason::MaxClients);
+            let message = format!(
+                "server full: {} clients connected; try again later",
+                self.stats.clients
+            );
+            return self.send_packet(skey, &engineio::connect_error(&nsp, &message));
+        }
         let Ok(socket_id) = engineio::new_sid() else {
             let refused = engineio::connect_error(&nsp, "cannot create a socket id; try again");
             return self.send_packet(skey, &refused);
@@ -608,6 +642,11 @@ impl Server {
                         nsp: nsp.clone(),
                         client,
                     });
+                    if session.counted.is_none() {
+                        let kind = session.kind();
+                        session.counted = Some(kind);
+                        self.stats.client_opened(kind);
+                    }
                 }
                 self.set_route(
                     client,
@@ -693,6 +732,9 @@ impl Server {
             return;
         };
         self.sids.remove(&session.sid);
+        if session.holds_address_place {
+            self.session_addresses.remove(session.peer);
+        }
         if let Some(kind) = session.counted {
             self.stats.client_closed(kind, reason);
         }

@@ -6,7 +6,7 @@ use log::debug;
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::hub::{ClientId, Control};
+use crate::hub::{ClientId, Control, Decision};
 use crate::lead::{self};
 use crate::room::RoomName;
 use crate::stats::{ClientKind, CloseReason};
@@ -114,14 +114,14 @@ impl Server {
                         if let Some(rtt) = lead::rtt_from_pong(&payload, now_ns, max_age) {
                             self.hub.round_trip(client, rtt);
                         }
-                        Ok(())
+                        Ok(Decision::Done)
                     }
                     // tungstenite answers pings and handles the close handshake itself.
-                    Message::Ping(_) | Message::Close(_) | Message::Frame(_) => Ok(()),
+                    Message::Ping(_) | Message::Close(_) | Message::Frame(_) => Ok(Decision::Done),
                 };
+                // A change handed to the cluster is concluded when its answer comes.
                 if let Err(err) = result {
-                    self.stats.client_errors += 1;
-                    self.reply(client, &protocol::error(&err));
+                    self.conclude(client, None, Err(err));
                 }
             }
             Owner::Http => {}
@@ -134,7 +134,7 @@ impl Server {
         client: ClientId,
         message: ClientMessage,
         received_ns: u64,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Decision, ClientError> {
         let control = match message {
             ClientMessage::Ping(t0) => {
                 // Stamped as late as possible and written at once, not at the next writable
@@ -150,7 +150,7 @@ impl Server {
                     }
                     None => {}
                 }
-                return Ok(());
+                return Ok(Decision::Done);
             }
             ClientMessage::SetBpm(value) => Control::SetBpm(value),
             ClientMessage::Start(quantize) => Control::Start(quantize),
@@ -160,6 +160,44 @@ impl Server {
         let result = self.hub.control(client, control, now_ns, &mut self.fx);
         self.settle_hub();
         result
+    }
+
+    /// Tells a client how its request ended: through its Socket.IO callback when it passed one
+    /// (`{ok:true}`, or `{ok:false, error:{code,message}}`), else an `error` event on failure.
+    pub(super) fn conclude(
+        &mut self,
+        client: ClientId,
+        ack: Option<u64>,
+        result: Result<(), ClientError>,
+    ) {
+        if let Err(err) = &result {
+            self.stats.client_errors += 1;
+            if ack.is_none() {
+                self.reply(client, &protocol::error(err));
+            }
+        }
+        let Some(id) = ack else {
+            return;
+        };
+        let Some(Via::Eio { session, .. }) = self.route(client) else {
+            return;
+        };
+        let Some(nsp) = self
+            .sessions
+            .get(session)
+            .and_then(|s| s.joined.as_ref())
+            .map(|j| j.nsp.clone())
+        else {
+            return;
+        };
+        let arg = match result {
+            Ok(()) => r#"{"ok":true}"#.to_string(),
+            Err(err) => {
+                let e = protocol::error(&err);
+                format!(r#"{{"ok":false,"error":{}}}"#, e.data)
+            }
+        };
+        self.send_packet(session, &engineio::ack_in(&nsp, id, &arg));
     }
 
     /// An event to whoever a WebSocket carries: a `/ws` client, or an Engine.IO session (in

@@ -5,6 +5,8 @@
 //! what it returns). Every response closes the connection: the pages poll rarely, and one
 //! request per connection keeps the state machine small.
 
+use std::net::IpAddr;
+
 use thiserror::Error;
 
 use crate::assets::{self, Asset};
@@ -20,16 +22,22 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
-    /// The path, without the query string.
+    /// The path, without the query string (from an absolute-form target too:
+    /// `GET http://host/stats` is `/stats`).
     pub path: String,
     /// The query string after `?`, or empty.
     pub query: String,
+    /// The minor HTTP version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
     /// Header names lower-cased, in order.
     pub headers: Vec<(String, String)>,
     /// Bytes the head took, including the blank line: what follows belongs to the next
     /// protocol (WebSocket frames, after an upgrade), or is the body.
     pub head_len: usize,
-    /// The body, for a POST; filled in once [`body_length`] bytes have arrived.
+    /// How many body bytes follow the head, from its `Content-Length` (RFC 9112 §6.3): what
+    /// must be read, and skipped, before the next request on the connection can begin.
+    pub body_len: usize,
+    /// The body; filled in once [`Request::body_len`] bytes have arrived.
     pub body: Vec<u8>,
     /// Whether the client lets the connection stay open after the response (HTTP/1.1 without
     /// `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`).
@@ -45,17 +53,29 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// True when the comma-separated header `name` lists `token` (case-insensitive).
-    fn header_has_token(&self, name: &str, token: &str) -> bool {
+    /// Every value of the (lower-case) header `name`, in order.
+    fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
             .iter()
-            .filter(|(n, _)| n == name)
-            .flat_map(|(_, v)| v.split(','))
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True when the comma-separated header `name` lists `token` (case-insensitive).
+    fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.header_values(name)
+            .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// Whether this is a `HEAD`: answered as the `GET`, without the body.
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
     }
 }
 
-/// A request that cannot be served.
+/// A request that cannot be served. Each is answered with its status, and the connection is
+/// closed: after a framing error nothing that follows on it can be trusted to be a request.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum HttpError {
     #[error("request head larger than {MAX_HEAD_BYTES} bytes")]
@@ -64,7 +84,9 @@ pub enum HttpError {
     TooManyHeaders,
     #[error("malformed request: {0}")]
     Malformed(&'static str),
-    #[error("a POST needs a Content-Length (chunked bodies are not accepted)")]
+    #[error(
+        "a request body needs a Content-Length (chunked and other transfer codings are not accepted)"
+    )]
     LengthRequired,
     #[error("request body larger than {MAX_BODY_BYTES} bytes")]
     BodyTooLarge,
@@ -81,27 +103,116 @@ impl HttpError {
     }
 }
 
-/// How many body bytes follow `req`'s head: its Content-Length for a POST, bounded by
-/// [`MAX_BODY_BYTES`]; nothing for other methods (their bodies, if any, are not read).
-pub fn body_length(req: &Request) -> Result<usize, HttpError> {
-    if req.method != "POST" {
-        return Ok(0);
-    }
+/// The body length a request head announces (RFC 9112 §6.3), bounded by [`MAX_BODY_BYTES`].
+///
+/// Any method may carry a body, and its bytes are read (and for all but a POST ignored), so
+/// they can never pass for the next request on a kept-alive connection. Everything that would
+/// let two parsers see different bodies is refused: `Transfer-Encoding` (with a
+/// `Content-Length` beside it, or on HTTP/1.0, as a malformed request; otherwise 411, since
+/// chunked bodies are not read here), and `Content-Length` fields that disagree or are not
+/// plain digits (`+1`, `1e3`, `0x10`). Repeated fields with one value (`5, 5`) are one length,
+/// as RFC 9110 §8.6 allows. A POST without a length gets 411: Socket.IO posts always send one.
+fn framing(req: &Request) -> Result<usize, HttpError> {
+    let has_length = req.header("content-length").is_some();
     if req.header("transfer-encoding").is_some() {
-        return Err(HttpError::LengthRequired);
+        return Err(if has_length {
+            HttpError::Malformed("both Transfer-Encoding and Content-Length")
+        } else if req.version == 0 {
+            HttpError::Malformed("Transfer-Encoding on HTTP/1.0")
+        } else {
+            HttpError::LengthRequired
+        });
     }
-    let length = req
-        .header("content-length")
-        .ok_or(HttpError::LengthRequired)?
-        .parse::<usize>()
-        .map_err(|_| HttpError::Malformed("Content-Length is not a number"))?;
-    if length > MAX_BODY_BYTES {
-        return Err(HttpError::BodyTooLarge);
+    let mut length: Option<usize> = None;
+    for value in req
+        .header_values("content-length")
+        .flat_map(|v| v.split(','))
+    {
+        let value = value.trim_matches([' ', '\t']);
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HttpError::Malformed(
+                "Content-Length is not a plain decimal number",
+            ));
+        }
+        // All digits: the only way to fail is to be too large for any body we take.
+        let n = value
+            .parse::<usize>()
+            .map_err(|_| HttpError::BodyTooLarge)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(HttpError::Malformed("Content-Length fields disagree"));
+        }
+        length = Some(n);
     }
-    Ok(length)
+    match length {
+        Some(n) if n > MAX_BODY_BYTES => Err(HttpError::BodyTooLarge),
+        Some(n) => Ok(n),
+        None if req.method == "POST" => Err(HttpError::LengthRequired),
+        None => Ok(0),
+    }
 }
 
-/// Parses a request head from the start of `buf`. `Ok(None)` means "not complete yet".
+/// Checks the `Host` field (RFC 9112 §3.2): exactly one on HTTP/1.1, at most one on HTTP/1.0,
+/// and a plausible `host[:port]` (possibly empty). Nothing here serves by host name; the point
+/// is to answer the way a proxy in front of us would, so that no request means one thing to
+/// it and another here.
+fn check_host(req: &Request) -> Result<(), HttpError> {
+    let mut hosts = req.header_values("host");
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version >= 1 => Err(HttpError::Malformed("HTTP/1.1 requires a Host")),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => Err(HttpError::Malformed("more than one Host")),
+        (Some(host), None) if !is_host_value(host) => {
+            Err(HttpError::Malformed("Host is not host[:port]"))
+        }
+        (Some(_), None) => Ok(()),
+    }
+}
+
+/// `uri-host [":" port]` in the characters RFC 3986 allows there (an IPv6 literal in brackets
+/// included), or empty.
+fn is_host_value(host: &str) -> bool {
+    host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b))
+}
+
+/// Splits a request target into (path, query): origin-form (`/path?query`), absolute-form
+/// (`http://host/path?query`, which RFC 9112 §3.2.2 requires a server to accept), or `*` for
+/// `OPTIONS`. Anything else is malformed.
+fn split_target<'a>(method: &str, target: &'a str) -> Result<(&'a str, &'a str), HttpError> {
+    let origin_form = if target.starts_with('/') {
+        target
+    } else if let Some(rest) = strip_scheme(target) {
+        // The authority runs to the first '/' or '?'; an empty path is "/".
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if end == 0 {
+            return Err(HttpError::Malformed("absolute URI without a host"));
+        }
+        match &rest[end..] {
+            "" => "/",
+            tail if tail.starts_with('?') => return Ok(("/", &tail[1..])),
+            tail => tail,
+        }
+    } else if target == "*" && method == "OPTIONS" {
+        "*"
+    } else {
+        return Err(HttpError::Malformed(
+            "request target must be a path or an absolute http(s) URI",
+        ));
+    };
+    Ok(origin_form.split_once('?').unwrap_or((origin_form, "")))
+}
+
+/// What follows `http://` or `https://` (scheme case-insensitive), if `target` starts so.
+fn strip_scheme(target: &str) -> Option<&str> {
+    let (scheme, rest) = target.split_once("://")?;
+    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then_some(rest)
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)` means "not complete yet". The
+/// head's framing is checked here, so a request that parses has one meaning: its body is
+/// [`Request::body_len`] bytes, and what follows is the next request.
 pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -121,7 +232,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
         return Err(HttpError::Malformed("missing method or target"));
     };
     let version = req.version.unwrap_or(0);
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = split_target(method, target)?;
     let headers = req
         .headers
         .iter()
@@ -136,11 +247,15 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, HttpError> {
         method: method.to_string(),
         path: path.to_string(),
         query: query.to_string(),
+        version,
         headers,
         head_len,
+        body_len: 0,
         body: Vec::new(),
         keep_alive: false,
     };
+    check_host(&request)?;
+    request.body_len = framing(&request)?;
     request.keep_alive = if version >= 1 {
         !request.header_has_token("connection", "close")
     } else {
@@ -168,6 +283,10 @@ pub enum Route {
     Healthz,
     Stats,
     Metrics,
+    /// `/join`: the LAN URLs of the pages, for the join panel.
+    Join,
+    /// `/qr.svg?text=...`: a QR code, made by the page worker.
+    Qr,
     WebSocket,
     /// Engine.IO / Socket.IO, both transports (GET, POST, and OPTIONS for CORS preflight).
     SocketIo,
@@ -176,7 +295,12 @@ pub enum Route {
 }
 
 /// The routing table. Paths are matched exactly against the embedded assets, so no path,
-/// however encoded, can reach the filesystem.
+/// however encoded, reaches the filesystem from here; what matches nothing is `NotFound`,
+/// which the server hands to [`crate::www`] (and its path rules) only with `--www`.
+///
+/// `HEAD` goes wherever `GET` goes, except to the two endpoints where a `GET` is not a read:
+/// a WebSocket upgrade, and Socket.IO, whose polling `GET` opens a session or takes packets.
+/// The response is the `GET`'s without its body (see [`without_body`]).
 pub fn route(method: &str, path: &str) -> Route {
     if path == "/socket.io/" || path == "/socket.io" {
         return match method {
@@ -184,16 +308,28 @@ pub fn route(method: &str, path: &str) -> Route {
             _ => Route::MethodNotAllowed,
         };
     }
-    if method != "GET" {
+    if method != "GET" && method != "HEAD" {
         return Route::MethodNotAllowed;
     }
     match path {
         "/healthz" => Route::Healthz,
         "/stats" => Route::Stats,
         "/metrics" => Route::Metrics,
+        "/join" => Route::Join,
+        "/qr.svg" => Route::Qr,
+        "/ws" if method == "HEAD" => Route::MethodNotAllowed,
         "/ws" => Route::WebSocket,
         _ => assets::find(path).map_or(Route::NotFound, Route::Asset),
     }
+}
+
+/// A complete response cut down to its head, for a `HEAD` request (RFC 9110 §9.3.2): status and
+/// headers stay as the `GET` would send them, `Content-Length` included, and no body follows.
+pub fn without_body(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
 }
 
 /// Why an upgrade request to `/ws` was refused (400).
@@ -205,10 +341,21 @@ pub enum UpgradeError {
     BadVersion,
     #[error("missing or malformed Sec-WebSocket-Key")]
     BadKey,
+    #[error("a WebSocket upgrade needs HTTP/1.1")]
+    OldHttp,
+    #[error("a WebSocket upgrade request carries no body")]
+    Body,
 }
 
 /// Validates a WebSocket upgrade (RFC 6455 §4.2.1) and returns the `Sec-WebSocket-Accept` value.
 pub fn check_upgrade(req: &Request) -> Result<String, UpgradeError> {
+    if req.version < 1 {
+        return Err(UpgradeError::OldHttp);
+    }
+    // Its bytes would be taken for WebSocket frames.
+    if req.body_len > 0 {
+        return Err(UpgradeError::Body);
+    }
     if !req.header_has_token("upgrade", "websocket")
         || !req.header_has_token("connection", "upgrade")
     {
@@ -269,6 +416,24 @@ pub fn preflight(cors: &[String]) -> Vec<u8> {
         "Access-Control-Max-Age: 86400",
     ]);
     response_with(204, "text/plain; charset=utf-8", &extra, b"")
+}
+
+/// The address a request comes from: `peer`, or behind a proxy (`header`, set with
+/// `--client-ip-header`) the address the proxy put there. Of a list (`X-Forwarded-For: a, b`)
+/// the last entry counts, the one the nearest proxy added; anything that is not an address
+/// (missing, `unknown`, garbage) leaves `peer`.
+pub fn client_ip(req: &Request, header: Option<&str>, peer: IpAddr) -> IpAddr {
+    header
+        .and_then(|name| req.header_values(name).last())
+        .and_then(|value| value.rsplit(',').next())
+        .and_then(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        })
+        .unwrap_or(peer)
 }
 
 /// The control token a request presents: `?token=` in the URL (browsers cannot set headers
@@ -359,6 +524,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Content Too Large",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -404,7 +570,7 @@ pub fn response_on(
 /// A short plain-text error response.
 pub fn text_error(status: u16, message: &str) -> Vec<u8> {
     let extra: &[&str] = match status {
-        405 => &["Allow: GET"],
+        405 => &["Allow: GET, HEAD"],
         _ => &[],
     };
     response_with(
@@ -485,37 +651,147 @@ mod tests {
 
     #[test]
     fn keep_alive_follows_the_version_and_connection_header() {
-        assert!(parse("GET / HTTP/1.1\r\n\r\n").keep_alive);
-        assert!(!parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n").keep_alive);
+        assert!(!parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
         assert!(!parse("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         let r = String::from_utf8(response_on(true, 200, "text/plain", &[], b"ok")).unwrap();
         assert!(r.contains("Connection: keep-alive\r\n"));
     }
 
+    /// The framing outcome of a head: its body length, or the refusal's status.
+    fn framed(text: &str) -> Result<usize, u16> {
+        parse_request(text.as_bytes())
+            .map(|r| r.expect("complete head").body_len)
+            .map_err(|e| e.status())
+    }
+
     #[test]
     fn post_bodies_need_a_bounded_length() {
-        let post = |extra: &str| parse(&format!("POST /socket.io/ HTTP/1.1\r\n{extra}\r\n"));
-        assert_eq!(body_length(&post("Content-Length: 12\r\n")), Ok(12));
-        assert_eq!(body_length(&post("")), Err(HttpError::LengthRequired));
+        let post = |extra: &str| {
+            framed(&format!(
+                "POST /socket.io/ HTTP/1.1\r\nHost: a\r\n{extra}\r\n"
+            ))
+        };
+        assert_eq!(post("Content-Length: 12\r\n"), Ok(12));
+        assert_eq!(post(""), Err(411));
+        assert_eq!(post("Transfer-Encoding: chunked\r\n"), Err(411));
+        assert_eq!(post("Content-Length: 99999999\r\n"), Err(413));
         assert_eq!(
-            body_length(&post("Transfer-Encoding: chunked\r\n")),
-            Err(HttpError::LengthRequired)
+            post("Content-Length: 99999999999999999999999999\r\n"),
+            Err(413)
         );
+        assert_eq!(framed("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(0));
+    }
+
+    /// RFC 9112 §6.3: one length, in plain digits, or the request is refused and the
+    /// connection closed, so that nothing after it can be read as a second request.
+    #[test]
+    fn lengths_that_two_parsers_could_read_differently_are_refused() {
+        let get = |extra: &str| framed(&format!("GET /healthz HTTP/1.1\r\nHost: a\r\n{extra}\r\n"));
+        for bad in ["+1", "-1", "1e3", "0x10", "1 2", "", "1.0", "\u{0661}"] {
+            assert_eq!(
+                get(&format!("Content-Length: {bad}\r\n")),
+                Err(400),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(get("Content-Length: 1\r\nContent-Length: 40\r\n"), Err(400));
+        assert_eq!(get("Content-Length: 5, 6\r\n"), Err(400));
+        assert_eq!(get("Content-Length: 5, 5\r\n"), Ok(5));
+        assert_eq!(get("Content-Length: 5\r\nContent-Length: 5\r\n"), Ok(5));
+        assert_eq!(get("Content-Length: 007\r\n"), Ok(7));
         assert_eq!(
-            body_length(&post("Content-Length: 99999999\r\n")),
-            Err(HttpError::BodyTooLarge)
-        );
-        assert_eq!(
-            body_length(&post("Content-Length: 1e3\r\n")).map_err(|e| e.status()),
+            get("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"),
             Err(400)
         );
-        assert_eq!(body_length(&parse("GET / HTTP/1.1\r\n\r\n")), Ok(0));
+        assert_eq!(get("Transfer-Encoding: chunked\r\n"), Err(411));
+        assert_eq!(
+            framed("POST /socket.io/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(400)
+        );
+        // A body on a GET is framed like any other, so it is read rather than run.
+        assert_eq!(get("Content-Length: 30\r\n"), Ok(30));
+    }
+
+    #[test]
+    fn http_1_1_needs_exactly_one_plausible_host() {
+        assert_eq!(framed("GET / HTTP/1.1\r\n\r\n"), Err(400));
+        assert_eq!(
+            framed("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            framed("GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(framed("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), Err(400));
+        assert_eq!(framed("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), Err(400));
+        assert_eq!(
+            framed("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Err(400)
+        );
+        for good in [
+            "example.org",
+            "127.0.0.1:3000",
+            "[::1]:80",
+            "xn--bcher-kva.example",
+            "",
+        ] {
+            assert_eq!(
+                framed(&format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n")),
+                Ok(0),
+                "{good:?}"
+            );
+        }
+        assert_eq!(
+            framed("GET / HTTP/1.0\r\n\r\n"),
+            Ok(0),
+            "HTTP/1.0 may leave it out"
+        );
+    }
+
+    #[test]
+    fn absolute_form_targets_route_by_their_path() {
+        let req =
+            parse("GET http://127.0.0.1:3000/stats?x=1 HTTP/1.1\r\nHost: 127.0.0.1:3000\r\n\r\n");
+        assert_eq!((req.path.as_str(), req.query.as_str()), ("/stats", "x=1"));
+        let req = parse("GET HTTPS://example.org HTTP/1.1\r\nHost: example.org\r\n\r\n");
+        assert_eq!(req.path, "/");
+        let req = parse("GET http://example.org?EIO=4 HTTP/1.1\r\nHost: example.org\r\n\r\n");
+        assert_eq!((req.path.as_str(), req.query.as_str()), ("/", "EIO=4"));
+        let req = parse("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(req.path, "*");
+        for bad in ["stats", "http:///stats", "ftp://a/stats", "*"] {
+            assert_eq!(
+                framed(&format!("GET {bad} HTTP/1.1\r\nHost: a\r\n\r\n")),
+                Err(400),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn head_goes_where_get_goes_but_never_upgrades_or_polls() {
+        assert_eq!(route("HEAD", "/healthz"), Route::Healthz);
+        assert_eq!(route("HEAD", "/stats"), Route::Stats);
+        assert_eq!(route("HEAD", "/metrics"), Route::Metrics);
+        assert!(matches!(route("HEAD", "/"), Route::Asset(a) if a.path == "/"));
+        assert_eq!(route("HEAD", "/nope"), Route::NotFound);
+        assert_eq!(route("HEAD", "/ws"), Route::MethodNotAllowed);
+        assert_eq!(route("HEAD", "/socket.io/"), Route::MethodNotAllowed);
+        let get = response(200, "text/plain", b"hello");
+        let head = without_body(get.clone());
+        assert_eq!(&get[..head.len()], &head[..]);
+        assert!(String::from_utf8(head).unwrap().ends_with(
+            "Content-Length: 5\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        ));
     }
 
     #[test]
     fn cors_echoes_only_allowed_origins() {
-        let req = parse("GET /socket.io/ HTTP/1.1\r\nOrigin: https://band.example\r\n\r\n");
+        let req =
+            parse("GET /socket.io/ HTTP/1.1\r\nHost: a\r\nOrigin: https://band.example\r\n\r\n");
         let open = cors_headers(&req, &[]).unwrap();
         assert!(open.contains(&"Access-Control-Allow-Origin: https://band.example".to_string()));
         let listed = vec!["https://band.example".to_string()];
@@ -524,7 +800,7 @@ mod tests {
             cors_headers(&req, &["https://other.example".to_string()]),
             None
         );
-        let no_origin = parse("GET /socket.io/ HTTP/1.1\r\n\r\n");
+        let no_origin = parse("GET /socket.io/ HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(cors_headers(&no_origin, &listed), Some(Vec::new()));
         let pre = String::from_utf8(preflight(&open)).unwrap();
         assert!(pre.starts_with("HTTP/1.1 204"));
@@ -540,7 +816,6 @@ mod tests {
         assert_eq!(route("GET", "/ws"), Route::WebSocket);
         assert_eq!(route("GET", "/nope"), Route::NotFound);
         assert_eq!(route("POST", "/"), Route::MethodNotAllowed);
-        assert_eq!(route("HEAD", "/healthz"), Route::MethodNotAllowed);
         for sneaky in [
             "/../Cargo.toml",
             "/%2e%2e/etc/passwd",
@@ -587,6 +862,14 @@ mod tests {
                 UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
                 UpgradeError::BadKey,
             ),
+            (
+                UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
+                UpgradeError::OldHttp,
+            ),
+            (
+                UPGRADE.replace("Host: x\r\n", "Host: x\r\nContent-Length: 4\r\n"),
+                UpgradeError::Body,
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(check_upgrade(&parse(&text)), Err(want), "{text}");
@@ -629,6 +912,32 @@ mod tests {
     }
 
     #[test]
+    fn the_client_address_comes_from_the_proxy_header_only_when_asked() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let req = parse(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.7, 203.0.113.9\r\n\
+             Fly-Client-IP: 2001:db8::5\r\n\r\n",
+        );
+        assert_eq!(client_ip(&req, None, peer), peer);
+        assert_eq!(
+            client_ip(&req, Some("x-forwarded-for"), peer).to_string(),
+            "203.0.113.9"
+        );
+        assert_eq!(
+            client_ip(&req, Some("fly-client-ip"), peer).to_string(),
+            "2001:db8::5"
+        );
+        assert_eq!(client_ip(&req, Some("x-real-ip"), peer), peer, "absent");
+        let odd = parse("GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: unknown\r\n\r\n");
+        assert_eq!(client_ip(&odd, Some("x-real-ip"), peer), peer);
+        let with_port = parse("GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: [2001:db8::1]:443\r\n\r\n");
+        assert_eq!(
+            client_ip(&with_port, Some("x-real-ip"), peer).to_string(),
+            "2001:db8::1"
+        );
+    }
+
+    #[test]
     fn token_comparison() {
         assert!(tokens_match("s3cret", "s3cret"));
         assert!(!tokens_match("s3cre", "s3cret"));
@@ -645,7 +954,7 @@ mod tests {
         assert!(r.contains("Connection: close\r\n"));
         assert!(r.ends_with("\r\n\r\nok"));
         let r = String::from_utf8(text_error(405, "only GET")).unwrap();
-        assert!(r.contains("Allow: GET\r\n"));
+        assert!(r.contains("Allow: GET, HEAD\r\n"));
         assert!(r.ends_with("405 Method Not Allowed: only GET\n"));
     }
 }

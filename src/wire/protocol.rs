@@ -241,10 +241,12 @@ pub enum ClientError {
     BadPing,
     #[error("start's quantize must be \"bar\", \"beat\" or \"none\"")]
     BadQuantize,
+    /// What is wrong with the cluster's Redis, completing "the cluster's Redis …" (see
+    /// `ClusterFault::describe`).
     #[error(
-        "the cluster's Redis is unreachable: tempo and transport stay as they are until it is back (ticks go on)"
+        "the cluster's Redis {0}: tempo and transport stay as they are until it is fixed (ticks go on)"
     )]
-    ClusterUnavailable,
+    ClusterUnavailable(&'static str),
     #[error("malformed Socket.IO packet: {0}")]
     BadPacket(String),
     #[error("binary frames are not part of this protocol; send JSON text frames")]
@@ -271,7 +273,7 @@ impl ClientError {
             ClientError::BadPing => "invalid_ping",
             ClientError::BadQuantize => "invalid_quantize",
             ClientError::BadPacket(_) => "invalid_packet",
-            ClientError::ClusterUnavailable => "cluster_unavailable",
+            ClientError::ClusterUnavailable(_) => "cluster_unavailable",
             ClientError::Binary => "binary_unsupported",
             ClientError::Busy => "busy",
             ClientError::RateLimited(_) => "rate_limited",

@@ -5,12 +5,20 @@
 // The optional second server runs with --control-token TOKEN: the control page must ask for the
 // token before it lets anyone change the tempo.
 //
+// More servers, through the environment (each part is skipped, saying so, when its variable is
+// missing; tests/browser.rs sets them all):
+//   OTHER_BASE   a server bound to 0.0.0.0 with --www docs/examples: the join panel with a LAN
+//                URL and its QR code, and a page on that origin importing BASE's /conductor.js
+//   DOOMED_BASE, DOOMED_PID   a server this script kills: the control page must show it
+// The first server must run with --www docs/examples (the metronome example).
+//
 // Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
 // check prints one line. Screenshots go to $SCREENSHOTS_DIR, by default tests/browser/screenshots/
 // (the committed ones). CHROMIUM overrides the browser (default /usr/bin/chromium, Debian's
 // package).
 
 import { chromium } from "playwright-core";
+import { createRequire } from "node:module";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,6 +26,11 @@ import { fileURLToPath } from "node:url";
 
 const base = (process.argv[2] || "http://127.0.0.1:3000").replace(/\/$/, "");
 const [tokenBase, token] = [process.argv[3], process.argv[4]];
+const otherBase = process.env.OTHER_BASE?.replace(/\/$/, "");
+const doomedBase = process.env.DOOMED_BASE?.replace(/\/$/, "");
+const doomedPid = Number(process.env.DOOMED_PID);
+// jsQR reads the join panel's QR code back, in the page, from the pixels it shows.
+const jsqr = createRequire(import.meta.url).resolve("jsqr/dist/jsQR.js");
 const shots =
   process.env.SCREENSHOTS_DIR || fileURLToPath(new URL("./screenshots/", import.meta.url));
 mkdirSync(shots, { recursive: true });
@@ -54,9 +67,9 @@ async function stats(at = base) {
 
 // A hard ceiling, so a hung browser cannot hang the test suite.
 const watchdog = setTimeout(() => {
-  console.log(`FAIL the browser test did not finish within 120 s`);
+  console.log(`FAIL the browser test did not finish within 180 s`);
   process.exit(1);
-}, 120_000);
+}, 180_000);
 
 const profile = mkdtempSync(join(tmpdir(), "conductor-chromium-"));
 const browser = await chromium.launchPersistentContext(profile, {
@@ -79,12 +92,16 @@ console.log(`chromium ${browser.browser()?.version() ?? ""} at ${base}`);
 
 // Every console error and uncaught exception on every page, with the page it came from.
 const problems = [];
+// Pages whose server this script killed: their failed reconnects are expected, not problems.
+const orphaned = new Set();
 function watch(page, name) {
   page.on("console", (m) => {
-    if (m.type() === "error") problems.push(`${name}: console error: ${m.text()} (${m.location().url})`);
+    if (m.type() === "error" && !orphaned.has(name)) problems.push(`${name}: console error: ${m.text()} (${m.location().url})`);
   });
   page.on("pageerror", (e) => problems.push(`${name}: uncaught: ${e.message}`));
-  page.on("requestfailed", (r) => problems.push(`${name}: request failed: ${r.url()} ${r.failure()?.errorText}`));
+  page.on("requestfailed", (r) => {
+    if (!orphaned.has(name)) problems.push(`${name}: request failed: ${r.url()} ${r.failure()?.errorText}`);
+  });
   return page;
 }
 const debug = (page, fn, arg) => page.evaluate(fn, arg);
@@ -265,6 +282,153 @@ try {
     await guarded.close();
   }
 
+  // ---------------- the control page's defects, each checked ----------------
+  {
+    const page = watch(await browser.newPage(), "index (defects)");
+    await page.bringToFront(); // keys go to the tab in front
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(base + "/");
+    await until("defects page live", async () => (await page.textContent("#status")) === "live");
+
+    // A 3-decimal tempo on a phone: the page stays as wide as the screen.
+    await page.fill("#bpm", "119.875");
+    await page.dispatchEvent("#bpm", "change");
+    await until("the readout to show 119.875", async () => (await page.textContent("#bpmValue")) === "119.875");
+    await sleep(300);
+    const widths = await debug(page, () => ({
+      page: document.documentElement.scrollWidth,
+      stop: document.getElementById("stop").getBoundingClientRect().right,
+      value: document.getElementById("bpmValue").getBoundingClientRect().right,
+    }));
+    check(
+      widths.page <= 390 && widths.stop <= 390 && widths.value <= 390,
+      `defects: at 390 px with 119.875 the page is ${widths.page} px wide (Stop ends at ${Math.round(widths.stop)}, the number at ${Math.round(widths.value)})`,
+    );
+
+    // An out-of-range entry: an error, the box back to the tempo in force, nothing moved.
+    const below = async () => debug(page, () => document.getElementById("join").getBoundingClientRect().top + window.scrollY);
+    const before = await below();
+    await page.fill("#bpm", "250");
+    await page.dispatchEvent("#bpm", "change");
+    await until("the range error", async () => /60 to 200/.test(await page.textContent("#error")));
+    const after = await below();
+    check(after === before, `defects: an error message moves nothing below it (join panel at ${before} px, then ${after} px)`);
+    const box = await page.inputValue("#bpm");
+    check(box === "119.875", `defects: after a refused 250 the box shows the tempo in force ("${box}")`);
+
+    // T taps after the slider was used (the slider is an <input>, but not one typed in).
+    await page.focus("#bpmSlider");
+    await page.keyboard.press("ArrowRight");
+    // (Leaving the box may re-send its tempo, whose echo moves the slider back: the server's
+    // tempo is what counts.)
+    await until("the slider's tempo", async () => (await stats()).bpm !== 119.875);
+    await page.keyboard.press("t");
+    const tapped = await page.textContent("#tap");
+    check(tapped.startsWith("TAP ·"), `defects: T counts as a tap after using the slider ("${tapped}")`);
+    await sleep(2100); // the tap sequence lapses
+
+    // Start and Stop say which is in force.
+    const pressed = () => debug(page, () => [document.getElementById("start").getAttribute("aria-pressed"), document.getElementById("stop").getAttribute("aria-pressed")].join("/"));
+    await page.click("#stop");
+    await until("stop pressed", async () => (await pressed()) === "false/true");
+    ok("defects: Stop shows as active once stopped (start/stop pressed: false/true)");
+    await page.click("#start");
+    await until("start pressed", async () => (await pressed()) === "true/false");
+    ok("defects: Start shows as active once started (true/false)");
+    await page.fill("#bpm", "120");
+    await page.dispatchEvent("#bpm", "change");
+    await until("/stats bpm 120 again", async () => (await stats()).bpm === 120);
+    await page.close();
+  }
+
+  // The server goes away: nothing on the page may look live.
+  if (doomedBase && doomedPid) {
+    const page = watch(await browser.newPage(), "index (lost)");
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(doomedBase + "/");
+    await until("doomed page live", async () => (await page.textContent("#status")) === "live");
+    await until("clients shown", async () => Number(await page.textContent("#clients")) >= 1);
+    orphaned.add("index (lost)");
+    process.kill(doomedPid, "SIGKILL");
+    await until("the page to notice", () => debug(page, () => document.body.classList.contains("offline")), 5000);
+    const seen = await debug(page, () => {
+      const $ = (id) => document.getElementById(id);
+      return {
+        status: $("status").textContent,
+        banner: getComputedStyle($("lost")).display !== "none" && $("lost").textContent,
+        bpmColor: getComputedStyle($("bpmValue")).color,
+        transport: $("transport").textContent,
+        transportColor: getComputedStyle($("transport")).color,
+        clients: $("clients").textContent,
+        pressed: $("start").getAttribute("aria-pressed") + "/" + $("stop").getAttribute("aria-pressed"),
+      };
+    });
+    const white = "rgb(243, 245, 248)", green = "rgb(55, 214, 122)";
+    check(
+      /disconnected/.test(seen.status) && seen.banner && /lost/.test(seen.banner) &&
+        seen.bpmColor !== white && seen.transportColor !== green && seen.transport === "unknown" &&
+        seen.clients === "–" && seen.pressed === "false/false",
+      `lost: the page shows the lost connection (${JSON.stringify(seen)})`,
+    );
+    await page.screenshot({ path: join(shots, "index-lost.png") });
+    await page.close();
+  } else {
+    console.log("skip the lost-connection check: DOOMED_BASE and DOOMED_PID are not set");
+  }
+
+  // ---------------- your own pages (--www), and the library from another origin ----------------
+  {
+    const page = watch(await browser.newPage(), "metronome (--www)");
+    await page.goto(base + "/metronome.html");
+    await until("the example to connect", async () => (await page.textContent("#status")) === "connected");
+    await until("the example to follow the beats", async () => /^\d+$/.test(await page.textContent("#beat")));
+    const b = await page.textContent("#bpm");
+    check(b === "120", `www: docs/examples/metronome.html served by --www follows the server (beat ${await page.textContent("#beat")}, ${b} BPM)`);
+    await page.close();
+  }
+  if (otherBase) {
+    const page = watch(await browser.newPage(), "another origin");
+    await page.goto(`${otherBase}/from-another-site.html?server=${encodeURIComponent(base)}`);
+    await until("the cross-origin page to connect", async () => (await page.textContent("#status")) === "connected", 8000);
+    const c1 = Number(await until("a tick", async () => /^\d+$/.test(await page.textContent("#count")) && page.textContent("#count")));
+    const origin = await debug(page, () => location.origin);
+    check(origin !== base && c1 >= 0, `cors: a page from ${origin} imports ${base}/conductor.js and follows its ticks (tick ${c1})`);
+    await page.close();
+
+    // The join panel of a server on every interface: its LAN URL, and a QR code of it.
+    const lan = await (await fetch(otherBase + "/join")).json();
+    const idx = watch(await browser.newPage(), "index (join)");
+    await idx.goto(otherBase + "/");
+    await until("the join URL", async () => /^http:/.test(await idx.textContent("#joinUrl")));
+    const url = await idx.textContent("#joinUrl");
+    const expected = lan.urls.map((u) => u.drums);
+    check(expected.includes(url), `join: the panel shows ${url} (the server's LAN URLs: ${expected.join(", ")})`);
+    await idx.addScriptTag({ path: jsqr });
+    const decoded = await debug(idx, async () => {
+      const img = document.getElementById("joinQr");
+      await img.decode();
+      const size = 8 * img.naturalWidth;
+      const canvas = document.createElement("canvas");
+      canvas.width = canvas.height = size;
+      const g = canvas.getContext("2d");
+      g.imageSmoothingEnabled = false;
+      g.drawImage(img, 0, 0, size, size);
+      const found = window.jsQR(g.getImageData(0, 0, size, size).data, size, size);
+      return found && found.data;
+    });
+    check(decoded === url, `join: the QR code decodes to ${decoded}`);
+    await idx.screenshot({ path: join(shots, "index-join.png") });
+    await idx.click("#joinControl");
+    const control = await idx.textContent("#joinUrl");
+    check(lan.urls.some((u) => u.control === control), `join: "control page" switches it to ${control}`);
+    await idx.close();
+  } else {
+    console.log("skip the join panel and cross-origin checks: OTHER_BASE is not set");
+  }
+  // A server on loopback only says why phones cannot join.
+  const hint = await index.textContent("#joinHint");
+  check(/--bind 0\.0\.0\.0/.test(hint), `join: on a loopback-only server the panel says so ("${hint}")`);
+
   // ---------------- screenshots ----------------
   await sleep(1000); // a few more points on the plot
   await index.screenshot({ path: join(shots, "index.png"), fullPage: true });
@@ -274,7 +438,7 @@ try {
     await sleep(400);
     await page.screenshot({ path: join(shots, `${name}-phone.png`), fullPage: true });
   }
-  ok("screenshots: index.png, drums.png, index-phone.png, drums-phone.png");
+  ok("screenshots: index.png, drums.png, index-phone.png, drums-phone.png (and index-join.png, index-lost.png above)");
 
   // Last: nothing went wrong on any page along the way.
   check(problems.length === 0, `no console errors or uncaught exceptions on any page${problems.length ? ":\n  " + problems.join("\n  ") : ""}`);

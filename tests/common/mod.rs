@@ -50,6 +50,9 @@ impl Server {
         cmd.args(["--port", "0", "--bind", "127.0.0.1"])
             .args(args)
             .env("RUST_LOG", "warn")
+            // No state file: test servers run side by side and must not resume each other's
+            // tempo. A test of the state file gives --state, which wins over this.
+            .env("CONDUCTOR_STATE", "none")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(limit) = nofile {

@@ -7,6 +7,8 @@
 mod metrics;
 mod net;
 mod plot;
+mod stamped;
+mod sync;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -84,6 +86,9 @@ struct Cli {
     /// Label for this run in the report (e.g. the server's name)
     #[arg(long)]
     label: Option<String>,
+
+    #[command(flatten)]
+    sync: sync::SyncArgs,
 }
 
 /// The JSON report.
@@ -209,6 +214,21 @@ fn sources(cli: &Cli, addr: SocketAddr) -> Vec<Option<Ipv4Addr>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.sync.sync {
+        let url = cli.url.as_deref().unwrap_or_default();
+        return sync::run(
+            &cli.sync,
+            url,
+            cli.clients,
+            cli.duration,
+            cli.json.as_ref(),
+            cli.label.as_deref(),
+        )
+        .unwrap_or_else(|e| {
+            eprintln!("conductor-probe: {e}");
+            ExitCode::FAILURE
+        });
+    }
     let target = match target(&cli) {
         Ok(t) => t,
         Err(e) => {
