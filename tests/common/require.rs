@@ -30,6 +30,10 @@ pub const SKIP_NAMES: &[(&str, &str)] = &[
     ),
     ("musl", "Rust's musl target, for the static binary"),
     (
+        "alsa",
+        "the kernel's ALSA sequencer (/dev/snd/seq), for the bridge's MIDI port test",
+    ),
+    (
         "jail",
         "root or user namespaces, to run the binary in an empty root",
     ),

@@ -518,22 +518,15 @@ fn help_lists_every_flag_with_its_environment_variable() {
 #[test]
 fn alsa_virtual_port_carries_the_clock() {
     if !std::path::Path::new("/dev/snd/seq").exists() {
-        // TODO(lead): switch to tests/common/require.rs (`missing("alsa", ...)`) when merging.
-        let skip = std::env::var("CONDUCTOR_TEST_SKIP").unwrap_or_default();
-        if skip.split([',', ' ']).any(|s| s == "alsa" || s == "all") {
-            // Straight to stderr: the harness captures eprintln!, and a skip must show.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                b"\n!!! SKIPPED alsa_virtual_port_carries_the_clock: /dev/snd/seq does not exist, \
-                  and CONDUCTOR_TEST_SKIP asked to skip it.\n",
-            );
+        let need = common::require::missing(
+            "alsa",
+            "/dev/snd/seq (this kernel has no ALSA sequencer)",
+            "modprobe snd-seq; a VM without sound modules cannot have it, and the pty tests \
+             cover MIDI there",
+        );
+        if !need {
             return;
         }
-        panic!(
-            "/dev/snd/seq does not exist: this machine has no ALSA sequencer. Load it: \
-             `modprobe snd-seq` (on a VM without sound modules: skip explicitly with \
-             CONDUCTOR_TEST_SKIP=alsa; the pty tests cover MIDI)"
-        );
     }
     alsa::virtual_port_carries_the_clock();
 }
