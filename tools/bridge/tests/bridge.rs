@@ -333,7 +333,15 @@ impl FixedServer {
     fn start(port: u16) -> FixedServer {
         use std::io::BufRead;
         let mut child = std::process::Command::new(common::bin())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            // No state file: the restarted server must count from 0 again (a relocation).
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--state",
+                "none",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()
