@@ -9,7 +9,8 @@
 //!   messages' shapes, a diff against the predecessor's client), so an example cannot be added
 //!   unchecked.
 //! * **Links lead somewhere.** Every relative link and image resolves to a file in the tree,
-//!   and every `#anchor` to a heading of its target (GitHub's anchors).
+//!   and every `#anchor` to a heading of its target (GitHub's anchors). README.md links every
+//!   document in docs/.
 //!
 //! Needs nothing outside Cargo.
 
@@ -319,6 +320,22 @@ fn every_link_and_anchor_leads_somewhere() {
     assert!(
         links > 50,
         "only {links} links found: is the parser broken?"
+    );
+}
+
+#[test]
+fn the_readme_lists_every_document() {
+    let readme = read(&root().join("README.md"));
+    let listed: HashSet<String> = readme.lines().flat_map(link_targets).collect();
+    let missing: Vec<String> = doc_files()
+        .iter()
+        .map(|f| rel(f))
+        .filter(|f| f.starts_with("docs/") && f.matches('/').count() == 1)
+        .filter(|f| !listed.contains(f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md's documentation table does not link {missing:?}"
     );
 }
 
