@@ -689,6 +689,9 @@ fn the_image_runs_under_podman() {
     let stage = engine.dir.join("build-stage");
     std::fs::create_dir_all(&stage).expect("create the stage directory");
     std::fs::copy(binary, stage.join("conductor")).expect("copy the binary");
+    // And the empty directory the final stage copies to /var/lib/conductor, the state volume
+    // (`COPY --from=build --chown=65534:65534 /srv ...`).
+    std::fs::create_dir_all(stage.join("srv")).expect("create the stage's /srv");
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
     let image = format!("localhost/conductor-test:{}", std::process::id());
     let build_context = format!("build={}", stage.display());
