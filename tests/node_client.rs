@@ -3,7 +3,8 @@
 //! * `clock.test.mjs`: its clock estimator against synthetic paths (jitter, bursts, offset,
 //!   skew, asymmetry, slewing) and its timeline maths;
 //! * `crosscheck.test.mjs`: the same samples through conductor.js and through the Rust crate
-//!   `conductor-sync` (written here), which must agree: one algorithm, `docs/sync.md`;
+//!   `conductor-sync` (written here), which must agree: one algorithm,
+//!   `docs/protocol.md#clock-sync`;
 //! * `client.test.mjs`: the library against the real binary with the `ws` package's WebSocket
 //!   (Node 20 has none built in), the error without one, and `docs/examples/node-metronome.mjs`.
 //!
