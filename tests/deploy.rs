@@ -683,6 +683,35 @@ fn the_image_runs_under_podman() {
     }
     let binary = &built().binary;
     let mut engine = Engine::new();
+    // Whether this engine can build at all, apart from the Dockerfile: a missing or broken
+    // engine may be skipped explicitly; a Dockerfile that does not build may not.
+    let probe = engine.dir.join("probe-context");
+    std::fs::create_dir_all(&probe).expect("create the probe context");
+    std::fs::write(
+        probe.join("Containerfile"),
+        "FROM scratch\nCOPY Containerfile /\n",
+    )
+    .expect("write the probe Containerfile");
+    let probe_tag = format!("localhost/conductor-probe:{}", std::process::id());
+    match engine.run(
+        &["build", "--tag", &probe_tag, &probe.to_string_lossy()],
+        Duration::from_secs(60),
+    ) {
+        Ok(out) if out.status.success() => {
+            let _ = engine.run(&["rmi", "--force", &probe_tag], Duration::from_secs(30));
+        }
+        Ok(out) => {
+            let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
+            return no_engine(&format!(
+                "a container engine that can build images here (podman build: {why})"
+            ));
+        }
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can build images here ({why})"
+            ));
+        }
+    }
 
     // A directory standing in for the `build` stage: `COPY --from=build /conductor` takes the
     // binary from it. It is also the build context, which the final stage does not read.
@@ -717,17 +746,13 @@ fn the_image_runs_under_podman() {
     );
     let built_image = match built_image {
         Ok(out) if out.status.success() => out,
-        Ok(out) => {
-            let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
-            return no_engine(&format!(
-                "a container engine that can build images here (podman build: {why})"
-            ));
-        }
-        Err(why) => {
-            return no_engine(&format!(
-                "a container engine that can build images here ({why})"
-            ));
-        }
+        // The engine builds a trivial image here, so this is the Dockerfile's fault: a
+        // failure, never a skip.
+        Ok(out) => panic!(
+            "podman build of the Dockerfile's final stage failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(why) => panic!("podman build of the Dockerfile's final stage failed: {why}"),
     };
     let log = String::from_utf8_lossy(&built_image.stdout);
     assert!(
