@@ -244,7 +244,7 @@ fn main() {
         keys.push(conns.insert(Connection::new(sock, peer, now, RateLimit::new(20))));
         clients.push(client);
     }
-    steps.insert("accepted (slab slot, Http state)".into(), per_conn(base, n));
+    steps.insert("1. accepted (slab slot, Http state)".into(), per_conn(base, n));
 
     for c in clients.iter_mut() {
         c.write_all(REQUEST).expect("send the request");
@@ -258,7 +258,7 @@ fn main() {
         }
     }
     steps.insert(
-        "request head read (+ parsed Request)".into(),
+        "2. request head read (+ parsed Request)".into(),
         per_conn(base, n),
     );
 
@@ -277,7 +277,7 @@ fn main() {
     drop(requests);
     drain(&mut clients);
     steps.insert(
-        "upgraded: 101, hello, timeline written".into(),
+        "3. upgraded: 101, hello, timeline written".into(),
         per_conn(base, n),
     );
 
@@ -288,7 +288,7 @@ fn main() {
         }
         drain(&mut clients);
     }
-    steps.insert("3 ticks fanned out".into(), per_conn(base, n));
+    steps.insert("4. 3 ticks fanned out".into(), per_conn(base, n));
 
     for c in clients.iter_mut() {
         c.write_all(&ping).expect("send a ping");
@@ -300,7 +300,7 @@ fn main() {
         conn.flush();
     }
     drain(&mut clients);
-    steps.insert("client ping read, pong written".into(), per_conn(base, n));
+    steps.insert("5. client ping read, pong written".into(), per_conn(base, n));
 
     let later = Instant::now() + Duration::from_secs(30);
     for &key in &keys {
@@ -310,7 +310,7 @@ fn main() {
     }
     drain(&mut clients);
     steps.insert(
-        "server ping written (steady state)".into(),
+        "6. server ping written (steady state)".into(),
         per_conn(base, n),
     );
 
