@@ -238,6 +238,14 @@ def git_commit():
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
+def src_commit():
+    """The last commit that changed the server's source: what was measured."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h", "--", "src"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
 def machine_meta(command):
     """Who, where and when: goes at the top of every results file."""
     return {
@@ -248,6 +256,7 @@ def machine_meta(command):
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "kernel": os.uname().release,
         "commit": git_commit(),
+        "src_commit": src_commit(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
         "load_at_start": load_average(),
         "command": command,
@@ -261,7 +270,8 @@ def meta_line(meta):
     if end:
         loads += f", {end[0]:.2f} at end"
     return (f"Run {meta['run']} on {meta['host']} ({meta['cores']} × {meta['cpu']}, {meta['memory_gib']} GiB, "
-            f"kernel {meta['kernel']}, commit {meta['commit']}; {loads}; open files {meta['nofile']:,} a process)")
+            f"kernel {meta['kernel']}, commit {meta['commit']}, src/ as of {meta.get('src_commit', '?')}; {loads}; "
+            f"open files {meta['nofile']:,} a process)")
 
 
 def build_release():
