@@ -244,7 +244,10 @@ fn main() {
         keys.push(conns.insert(Connection::new(sock, peer, now, RateLimit::new(20))));
         clients.push(client);
     }
-    steps.insert("1. accepted (slab slot, Http state)".into(), per_conn(base, n));
+    steps.insert(
+        "1. accepted (slab slot, Http state)".into(),
+        per_conn(base, n),
+    );
 
     for c in clients.iter_mut() {
         c.write_all(REQUEST).expect("send the request");
@@ -300,7 +303,10 @@ fn main() {
         conn.flush();
     }
     drain(&mut clients);
-    steps.insert("5. client ping read, pong written".into(), per_conn(base, n));
+    steps.insert(
+        "5. client ping read, pong written".into(),
+        per_conn(base, n),
+    );
 
     let later = Instant::now() + Duration::from_secs(30);
     for &key in &keys {
