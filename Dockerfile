@@ -41,8 +41,9 @@ COPY tools/Cargo.toml tools/Cargo.toml
 COPY tools/sync/Cargo.toml tools/sync/Cargo.toml
 COPY tools/netem/Cargo.toml tools/netem/Cargo.toml
 COPY tools/bridge/Cargo.toml tools/bridge/Cargo.toml
+COPY bench/floor/Cargo.toml bench/floor/Cargo.toml
 COPY src/build.rs src/build.rs
-RUN for member in . tools tools/sync tools/netem tools/bridge; do \
+RUN for member in . tools tools/sync tools/netem tools/bridge bench/floor; do \
       mkdir -p "$member/src" \
    && echo 'fn main() {}' > "$member/src/main.rs" \
    && touch "$member/src/lib.rs"; \
