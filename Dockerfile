@@ -32,14 +32,23 @@ WORKDIR /src
 
 # Dependencies in a layer of their own, rebuilt only when the manifests or the lock file change:
 # the real manifests over empty sources.
+# Cargo loads every workspace member's manifest (and finds its targets) before it builds one
+# package, so each member's manifest is here and gets empty sources; only the server is built.
+# tests/deploy.rs replays these lines on the repository, so a member added to the workspace
+# and forgotten here fails a test, not a release.
 COPY Cargo.toml Cargo.lock ./
 COPY tools/Cargo.toml tools/Cargo.toml
+COPY tools/sync/Cargo.toml tools/sync/Cargo.toml
+COPY tools/netem/Cargo.toml tools/netem/Cargo.toml
+COPY tools/bridge/Cargo.toml tools/bridge/Cargo.toml
+COPY bench/floor/Cargo.toml bench/floor/Cargo.toml
 COPY src/build.rs src/build.rs
-RUN mkdir -p tools/src \
- && echo 'fn main() {}' > src/main.rs \
- && echo 'fn main() {}' > tools/src/main.rs \
- && touch src/lib.rs \
- && cargo build --locked --profile dist --target "$(cat /rust-target)" --bin conductor
+RUN for member in . tools tools/sync tools/netem tools/bridge bench/floor; do \
+      mkdir -p "$member/src" \
+   && echo 'fn main() {}' > "$member/src/main.rs" \
+   && touch "$member/src/lib.rs"; \
+    done
+RUN cargo build --locked --profile dist --target "$(cat /rust-target)" --bin conductor
 
 # The project itself. COPY keeps the files' own times, which may be older than the stubs', so
 # touch them: cargo must see that they changed. The commit for --version comes from the build

@@ -4,17 +4,18 @@
 //! the pages against each other, through a tempo change, a stop and a start. And the drum
 //! machine's nudge (`tests/browser/nudge.mjs`): set, shown, kept per browser, applied.
 //!
-//! Needs Debian's `chromium` (or `$CHROMIUM`) and `node`; `playwright-core` is installed with
-//! `npm ci --prefix tests/browser` when missing. Without them the test fails and says how to
-//! install them.
+//! Needs Debian's `chromium` (or `$CHROMIUM`), `node` and `npm ci --prefix tests/browser`;
+//! without them it fails with the command that installs them, unless `CONDUCTOR_TEST_SKIP`
+//! asks to skip (`tests/common/require.rs`).
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::Server;
+use common::require::Tool;
 use conductor_netem::{PathConfig, Profile};
 use serde_json::{Value, json};
 
@@ -31,33 +32,27 @@ fn path(port: u16, profile: &str, seed: u64) -> conductor_netem::PathHandle {
     .expect("start an emulated path")
 }
 
-/// Chromium and node, and playwright-core installed: the browser and the script directory.
-fn browser_setup() -> (String, PathBuf) {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        Path::new(&chromium).exists(),
-        "{chromium} is missing: apt-get install chromium (or set CHROMIUM)"
-    );
-    let node_ok = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(node_ok, "node is missing: apt-get install nodejs npm");
+/// Chromium, node and playwright-core (`tests/common/require.rs`): the browser and the
+/// script directory, or `None` when an explicit skip was asked for.
+fn browser_setup() -> Option<(String, PathBuf)> {
+    let ready = common::require::tools(&[
+        Tool::Chromium,
+        Tool::Node,
+        Tool::NpmPackage {
+            dir: "tests/browser",
+            package: "playwright-core",
+        },
+    ]);
+    let chromium = common::require::chromium();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-            .arg(&dir)
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm ci --prefix tests/browser failed");
-    }
-    (chromium, dir)
+    ready.then(|| (chromium.display().to_string(), dir))
 }
 
 #[test]
 fn the_drum_machines_nudge_is_shown_kept_and_applied() {
-    let (chromium, dir) = browser_setup();
+    let Some((chromium, dir)) = browser_setup() else {
+        return;
+    };
     let server = Server::start(&[]);
     let out = Command::new("node")
         .arg(dir.join("nudge.mjs"))
@@ -73,7 +68,9 @@ fn the_drum_machines_nudge_is_shown_kept_and_applied() {
 
 #[test]
 fn two_pages_behind_two_emulated_paths_play_together() {
-    let (chromium, dir) = browser_setup();
+    let Some((chromium, dir)) = browser_setup() else {
+        return;
+    };
 
     let server = Server::start(&["--bpm", "200"]);
     let city = path(server.port, "city", 1);

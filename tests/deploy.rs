@@ -683,12 +683,44 @@ fn the_image_runs_under_podman() {
     }
     let binary = &built().binary;
     let mut engine = Engine::new();
+    // Whether this engine can build at all, apart from the Dockerfile: a missing or broken
+    // engine may be skipped explicitly; a Dockerfile that does not build may not.
+    let probe = engine.dir.join("probe-context");
+    std::fs::create_dir_all(&probe).expect("create the probe context");
+    std::fs::write(
+        probe.join("Containerfile"),
+        "FROM scratch\nCOPY Containerfile /\n",
+    )
+    .expect("write the probe Containerfile");
+    let probe_tag = format!("localhost/conductor-probe:{}", std::process::id());
+    match engine.run(
+        &["build", "--tag", &probe_tag, &probe.to_string_lossy()],
+        Duration::from_secs(60),
+    ) {
+        Ok(out) if out.status.success() => {
+            let _ = engine.run(&["rmi", "--force", &probe_tag], Duration::from_secs(30));
+        }
+        Ok(out) => {
+            let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
+            return no_engine(&format!(
+                "a container engine that can build images here (podman build: {why})"
+            ));
+        }
+        Err(why) => {
+            return no_engine(&format!(
+                "a container engine that can build images here ({why})"
+            ));
+        }
+    }
 
     // A directory standing in for the `build` stage: `COPY --from=build /conductor` takes the
     // binary from it. It is also the build context, which the final stage does not read.
     let stage = engine.dir.join("build-stage");
     std::fs::create_dir_all(&stage).expect("create the stage directory");
     std::fs::copy(binary, stage.join("conductor")).expect("copy the binary");
+    // `COPY --from=build /srv /var/lib/conductor`: the empty directory the state volume is made
+    // of (Debian's /srv in the real build stage).
+    std::fs::create_dir_all(stage.join("srv")).expect("create the stage's /srv");
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
     let image = format!("localhost/conductor-test:{}", std::process::id());
     let build_context = format!("build={}", stage.display());
@@ -714,17 +746,13 @@ fn the_image_runs_under_podman() {
     );
     let built_image = match built_image {
         Ok(out) if out.status.success() => out,
-        Ok(out) => {
-            let why = last_error_line(&String::from_utf8_lossy(&out.stderr));
-            return no_engine(&format!(
-                "a container engine that can build images here (podman build: {why})"
-            ));
-        }
-        Err(why) => {
-            return no_engine(&format!(
-                "a container engine that can build images here ({why})"
-            ));
-        }
+        // The engine builds a trivial image here, so this is the Dockerfile's fault: a
+        // failure, never a skip.
+        Ok(out) => panic!(
+            "podman build of the Dockerfile's final stage failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(why) => panic!("podman build of the Dockerfile's final stage failed: {why}"),
     };
     let log = String::from_utf8_lossy(&built_image.stdout);
     assert!(
@@ -870,5 +898,75 @@ fn the_image_runs_under_podman() {
         logs().contains("shutdown complete"),
         "the server did not log its shutdown:\n{}",
         logs()
+    );
+}
+
+/// The build stage's dependency layer, replayed on the repository: the files its `COPY` lines
+/// name, then its first `RUN` after them (the empty sources), in an empty directory standing in
+/// for `/src`; cargo must then load the whole workspace offline with the locked versions. A
+/// workspace member added to `Cargo.toml` and forgotten in the Dockerfile fails here (a real
+/// `docker build` needs a registry this machine cannot reach).
+#[test]
+fn the_dockerfiles_dependency_layer_loads_the_workspace() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("read Dockerfile");
+    // Continuation lines joined, so that each instruction is one line.
+    let instructions: Vec<String> = dockerfile
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    let first = instructions
+        .iter()
+        .position(|i| i.starts_with("COPY Cargo.toml"))
+        .expect("the dependency layer starts with COPY Cargo.toml");
+    let dir = std::env::temp_dir().join(format!("conductor-docker-deps-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the stand-in for /src");
+    let mut stubs = None;
+    for instruction in &instructions[first..] {
+        if let Some(args) = instruction.strip_prefix("COPY ") {
+            let words: Vec<&str> = args.split_whitespace().collect();
+            let (sources, dest) = words.split_at(words.len() - 1);
+            for source in sources {
+                let to = if dest[0] == "./" {
+                    dir.join(source)
+                } else {
+                    dir.join(dest[0])
+                };
+                std::fs::create_dir_all(to.parent().expect("a parent")).expect("mkdir");
+                std::fs::copy(root.join(source), &to)
+                    .unwrap_or_else(|e| panic!("COPY {source}: {e}"));
+            }
+        } else if let Some(script) = instruction.strip_prefix("RUN ") {
+            stubs = Some(script.to_string());
+            break;
+        }
+    }
+    let stubs = stubs.expect("a RUN after the manifests (the empty sources)");
+    assert!(
+        !stubs.contains("cargo"),
+        "the empty sources get a RUN of their own, before the build: {stubs}"
+    );
+    let ran = Command::new("sh")
+        .args(["-c", &stubs])
+        .current_dir(&dir)
+        .output()
+        .expect("run sh");
+    assert!(ran.status.success(), "{stubs}: {ran:?}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let loaded = Command::new(cargo)
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .current_dir(&dir)
+        .output()
+        .expect("run cargo metadata");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        loaded.status.success(),
+        "the Dockerfile's dependency layer does not load the workspace; copy every member's \
+         Cargo.toml and give it empty sources:\n{}",
+        String::from_utf8_lossy(&loaded.stderr)
     );
 }

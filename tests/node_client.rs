@@ -3,12 +3,14 @@
 //! * `clock.test.mjs`: its clock estimator against synthetic paths (jitter, bursts, offset,
 //!   skew, asymmetry, slewing) and its timeline maths;
 //! * `crosscheck.test.mjs`: the same samples through conductor.js and through the Rust crate
-//!   `conductor-sync` (written here), which must agree: one algorithm, `docs/sync.md`;
+//!   `conductor-sync` (written here), which must agree: one algorithm,
+//!   `docs/protocol.md#clock-sync`;
 //! * `client.test.mjs`: the library against the real binary with the `ws` package's WebSocket
 //!   (Node 20 has none built in), the error without one, and `docs/examples/node-metronome.mjs`.
 //!
-//! Needs `node` and `npm` (the `ws` package is installed with `npm ci --prefix tests/node` when
-//! missing); without them the test fails and says how to install them.
+//! Needs `node`, `npm` and `npm ci --prefix tests/node` (the `ws` package); without them the
+//! test fails with the command that installs them, unless `CONDUCTOR_TEST_SKIP` asks to skip
+//! (`tests/common/require.rs`). `.ci/test` installs them.
 
 mod common;
 
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::Server;
+use common::require::Tool;
 use conductor_sync::ClockSync;
 use serde_json::json;
 
@@ -23,25 +26,16 @@ fn node_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
 }
 
-fn require_node() {
-    let ok = |cmd: &str| {
-        Command::new(cmd)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    assert!(
-        ok("node") && ok("npm"),
-        "node and npm are needed for conductor.js's tests: apt-get install nodejs npm"
-    );
-    if !node_dir().join("node_modules/ws").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-            .arg(node_dir())
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm ci --prefix tests/node failed");
-    }
+/// Whether the test may run: node, npm and the `ws` package (`tests/common/require.rs`).
+#[must_use]
+fn require_node() -> bool {
+    common::require::tools(&[
+        Tool::Node,
+        Tool::NpmPackage {
+            dir: "tests/node",
+            package: "ws",
+        },
+    ])
 }
 
 /// splitmix64, for reproducible synthetic paths.
@@ -105,7 +99,9 @@ fn scenario(
 
 #[test]
 fn conductor_js_under_node() {
-    require_node();
+    if !require_node() {
+        return;
+    }
     let vectors = json!({"scenarios": [
         scenario("40 ± 10 ms", 1, (40.0, 40.0, 10.0), 0.0, 3_217.0, 0.0),
         scenario("150 ± 30 ms, bursts, 150 ppm slow", 2, (150.0, 150.0, 30.0), 0.05, -4_000.0, -150.0),

@@ -42,6 +42,11 @@ fn every_tool_has_a_known_skip_name_and_an_install_command() {
         },
         Tool::RedisServer,
         Tool::MuslTarget,
+        Tool::PythonModule {
+            venv: "tests/python/.venv",
+            module: "websockets",
+            requirements: "tests/python/requirements.txt",
+        },
     ];
     for tool in &tools {
         assert!(
@@ -53,7 +58,8 @@ fn every_tool_has_a_known_skip_name_and_an_install_command() {
         assert!(
             install.starts_with("apt-get install -y ")
                 || install.starts_with("npm ci --prefix ")
-                || install.starts_with("rustup target add "),
+                || install.starts_with("rustup target add ")
+                || install.starts_with("python3 -m venv "),
             "{install}"
         );
     }

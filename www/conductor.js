@@ -15,8 +15,8 @@
 // The units, exported for other clients to build on:
 //   Conductor      the client: connection, clock, timeline, transport, events (below)
 //   Connection     a WebSocket that reconnects with backoff; timers that live as long as it
-//   ClockSync      the clock estimator of docs/sync.md (the same description as the Rust
-//                  crate conductor-sync): samples in, ClockMapping out
+//   ClockSync      the clock estimator of docs/protocol.md#clock-sync (the same description as
+//                  the Rust crate conductor-sync): samples in, ClockMapping out
 //   ClockMapping   local ↔ server time: toServer(localMs), toLocal(serverMs), offsetAt(localMs)
 //   Timeline       the server's timeline: tickTime(n), countAt(serverMs), the tempo before a
 //                  change's anchor kept
@@ -29,7 +29,8 @@
 //   - Measures the clock: a ping every 100 ms for the first 10 s of a connection, then every
 //     250 ms (10 and 4 messages a second, inside the server's limit of 20). ClockSync keeps the
 //     lowest forward and highest backward value of each direction over a 60 s window, fits the
-//     clocks' rate, and slews corrections in at 2 ms a second once settled (docs/sync.md).
+//     clocks' rate, and slews corrections in at 2 ms a second once settled
+//     (docs/protocol.md#clock-sync).
 //   - Keeps the server's timeline (the anchor tick, its instant and the interval), so it knows
 //     the instant of any tick, past or future, without waiting for the tick message.
 //
@@ -38,12 +39,13 @@
 //   options  token           control token, sent as ?token= (needed only if the server asks)
 //            lookahead       seconds the audio scheduler looks ahead (default 0.1)
 //            nudgeMs         this device's manual correction, ms: positive plays later (default
-//                            0). Round trips cannot see a path's asymmetry (docs/sync.md); set
-//                            by ear, per device.
+//                            0). Round trips cannot see a path's asymmetry
+//                            (docs/protocol.md#clock-sync); set by ear, per device.
 //            WebSocket       the WebSocket class to use (default: the global one; Node < 22
 //                            has none: pass `ws`'s)
 //            pingIntervalMs  ms between pings once the first 10 s are over (default 250)
-//            clock           ClockSync options (docs/sync.md), e.g. {maxRatePpm: 250}
+//            clock           ClockSync options (docs/protocol.md#clock-sync), e.g.
+//                            {maxRatePpm: 250}
 //            (resyncMs, sampleWindow, burst, resyncBurst and pingSpacingMs of earlier versions
 //            are accepted and ignored: pings are continuous now)
 //
@@ -110,8 +112,9 @@ function median(sorted) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Clock sync (docs/sync.md; the same description as tools/sync/src/estimator.rs). All times in
-// ms: local times on this device's clock, server times unix ms.
+// Clock sync (docs/protocol.md#clock-sync; the same description as
+// tools/sync/src/estimator.rs). All times in ms: local times on this device's clock, server
+// times unix ms.
 
 export const CLOCK_DEFAULTS = {
   windowMs: 60000,
@@ -178,7 +181,8 @@ function envelopes(xs, a, ys, b, r) {
 }
 
 // The rate of the pair of parallel lines that hug the forward values from below and the
-// backward values from above (docs/sync.md, step 2): where g(r) changes sign, by bisection.
+// backward values from above (docs/protocol.md#clock-sync, step 2): where g(r) changes sign,
+// by bisection.
 function fitRate(xs, a, ys, b, maxRate) {
   const n = xs.length;
   let meanX = 0;

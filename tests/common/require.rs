@@ -30,6 +30,14 @@ pub const SKIP_NAMES: &[(&str, &str)] = &[
     ),
     ("musl", "Rust's musl target, for the static binary"),
     (
+        "python",
+        "Python 3 with venv and the websockets package, for tests/python_client.rs",
+    ),
+    (
+        "alsa",
+        "the kernel's ALSA sequencer (/dev/snd/seq), for the bridge's MIDI port test",
+    ),
+    (
         "jail",
         "root or user namespaces, to run the binary in an empty root",
     ),
@@ -48,6 +56,13 @@ pub enum Tool<'a> {
     RedisServer,
     /// Rust's standard library for `<arch>-unknown-linux-musl`.
     MuslTarget,
+    /// A Python module importable by the virtual environment `venv` (relative to the workspace
+    /// root), installed there from the pip requirements file `requirements`.
+    PythonModule {
+        venv: &'a str,
+        module: &'a str,
+        requirements: &'a str,
+    },
 }
 
 impl Tool<'_> {
@@ -58,6 +73,7 @@ impl Tool<'_> {
             Tool::Node | Tool::NpmPackage { .. } => "node",
             Tool::RedisServer => "redis",
             Tool::MuslTarget => "musl",
+            Tool::PythonModule { .. } => "python",
         }
     }
 
@@ -69,6 +85,9 @@ impl Tool<'_> {
             Tool::NpmPackage { dir, package } => format!("the npm package {package} in {dir}"),
             Tool::RedisServer => "redis-server".into(),
             Tool::MuslTarget => format!("the Rust target {}", musl_target()),
+            Tool::PythonModule { venv, module, .. } => {
+                format!("the Python module {module} in {venv}")
+            }
         }
     }
 
@@ -80,6 +99,9 @@ impl Tool<'_> {
             Tool::NpmPackage { dir, .. } => format!("npm ci --prefix {dir}"),
             Tool::RedisServer => "apt-get install -y redis-server".into(),
             Tool::MuslTarget => format!("rustup target add {}", musl_target()),
+            Tool::PythonModule {
+                venv, requirements, ..
+            } => format!("python3 -m venv {venv} && {venv}/bin/pip install -r {requirements}"),
         }
     }
 
@@ -96,6 +118,14 @@ impl Tool<'_> {
                 .is_file(),
             Tool::RedisServer => runs("redis-server", &["--version"]),
             Tool::MuslTarget => target_installed(&musl_target()),
+            Tool::PythonModule { venv, module, .. } => {
+                let python = workspace_root().join(venv).join("bin/python");
+                python.is_file()
+                    && runs(
+                        python.to_str().unwrap_or("python3"),
+                        &["-c", &format!("import {module}")],
+                    )
+            }
         }
     }
 }

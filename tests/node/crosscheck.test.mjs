@@ -2,7 +2,7 @@
 // conductor-sync's ClockSync over synthetic paths (jitter, bursts, offset, skew, asymmetry) and
 // writes the samples and its mappings to the file named by CONDUCTOR_SYNC_VECTORS; here the same
 // samples go through conductor.js's ClockSync. The two implement one description
-// (docs/sync.md), so they must agree to within float rounding.
+// (docs/protocol.md#clock-sync), so they must agree to within float rounding.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";

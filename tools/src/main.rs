@@ -7,6 +7,7 @@
 mod metrics;
 mod net;
 mod plot;
+mod report;
 mod stamped;
 mod sync;
 mod wire;
@@ -19,32 +20,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use serde::Serialize;
 
-use metrics::{Percentiles, Recorder, median};
+use metrics::{Recorder, TickChoice};
 use net::{Mode, Shared, Target, ThreadOptions};
+use report::{Report, RunInfo, Tally, print_table};
 
 /// Connections one source address can hold before its ephemeral ports run out (with margin).
 const PER_SOURCE: usize = 20_000;
-
-/// The shortest run whose drift is also reported per minute. A 10 s run's drift is mostly the
-/// arrival noise of its first and last tick; six times that is not a rate.
-const MIN_RUN_FOR_DRIFT_RATE_S: f64 = 60.0;
-
-/// Drift per minute for a run of `measured_s` seconds, when the run is long enough to say.
-fn drift_per_min(drift_us: f64, measured_s: f64) -> Option<f64> {
-    (measured_s >= MIN_RUN_FOR_DRIFT_RATE_S).then(|| drift_us * 60.0 / measured_s)
-}
 
 /// Measure tick jitter, drift and fan-out of a WebSocket or Socket.IO tick server.
 #[derive(Debug, Parser)]
 #[command(name = "conductor-probe", version, about)]
 struct Cli {
     /// WebSocket URL of a tick server, e.g. ws://127.0.0.1:3000/ws
-    #[arg(required_unless_present = "socketio")]
+    #[arg(required_unless_present_any = ["socketio", "merge"])]
     url: Option<String>,
 
     /// Speak Socket.IO v4 to this server instead (e.g. http://127.0.0.1:3000)
@@ -87,39 +79,34 @@ struct Cli {
     #[arg(long)]
     label: Option<String>,
 
+    /// Adds KEY=VALUE to the query of every connection's URL (the Socket.IO handshake's too),
+    /// e.g. --query ticks=none --query room=stage. `ticks=beat|bar|none` also sets what the probe
+    /// expects: gaps counted in beats or bars, or no ticks at all
+    #[arg(long = "query", value_name = "KEY=VALUE")]
+    query: Vec<String>,
+
+    /// Use loopback source addresses from 127.0.0.(1+N) on, so that several probe processes
+    /// against one server never share ephemeral ports
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    source_offset: usize,
+
+    /// Start measuring at this unix time (seconds) once connected, so that several probe
+    /// processes measure the same window
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    measure_at: Option<f64>,
+
+    /// Put the raw histograms, per-count arrivals and per-connection drifts into --json, for
+    /// --merge
+    #[arg(long)]
+    raw: bool,
+
+    /// Add up the --json reports of probe processes run with --raw against one server (one
+    /// run split over processes) into one report; with --json and --plot like a run
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["url", "socketio"])]
+    merge: Vec<PathBuf>,
+
     #[command(flatten)]
     sync: sync::SyncArgs,
-}
-
-/// The JSON report.
-#[derive(Debug, Serialize)]
-struct Report {
-    label: Option<String>,
-    url: String,
-    mode: &'static str,
-    clients: usize,
-    connected: usize,
-    duration_s: f64,
-    ticks_total: u64,
-    ticks_min: u64,
-    ticks_max: u64,
-    gaps: u64,
-    reorders: u64,
-    interval_jitter_us: Percentiles,
-    spread_us: Percentiles,
-    latency_us: Percentiles,
-    /// Latency compares the probe's clock with the server's: meaningful on one host.
-    latency_valid: bool,
-    latency_early: u64,
-    /// Median over connections of (last arrival − first arrival − ideal elapsed time) over the
-    /// whole run, µs.
-    drift_us: f64,
-    drift_us_max_abs: f64,
-    /// Drift per minute, µs: only for runs of [`MIN_RUN_FOR_DRIFT_RATE_S`] or more (`null`
-    /// otherwise), since scaling a short run's drift up multiplies its noise into a rate.
-    drift_us_per_min: Option<f64>,
-    failures: BTreeMap<String, u64>,
-    closes: BTreeMap<String, u64>,
 }
 
 /// Parses the URL into what the connections need. Errors are one line for the user.
@@ -162,7 +149,7 @@ fn target(cli: &Cli) -> Result<Target, String> {
         .map_err(|e| format!("{raw}: cannot resolve {authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("{raw}: {authority} has no address"))?;
-    let path = match mode {
+    let mut path = match mode {
         Mode::Plain => path.to_string(),
         Mode::SocketIo => {
             let base = path.trim_end_matches('/');
@@ -174,11 +161,53 @@ fn target(cli: &Cli) -> Result<Target, String> {
             format!("{base}/?EIO=4&transport=websocket")
         }
     };
+    let (extra, ticks) = query_pairs(&cli.query)?;
+    if !extra.is_empty() {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str(&extra);
+    }
     Ok(Target {
         addr,
         url: format!("ws://{authority}{path}"),
         mode,
+        ticks,
     })
+}
+
+/// `--query` pairs as a query string (percent-encoded), and the ticks they ask for.
+fn query_pairs(pairs: &[String]) -> Result<(String, TickChoice), String> {
+    let mut out = Vec::new();
+    let mut ticks = TickChoice::All;
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("--query {pair:?}: expected KEY=VALUE, e.g. ticks=none"))?;
+        if key == "ticks" {
+            ticks = TickChoice::from_query_value(value);
+        }
+        out.push(format!("{}={}", percent_encode(key), percent_encode(value)));
+    }
+    Ok((out.join("&"), ticks))
+}
+
+/// Encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unix_now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Raises the soft open-files limit to the hard one: each connection is a descriptor.
@@ -196,14 +225,13 @@ fn raise_fd_limit() {
 /// The source address of each connection: the kernel's choice, or several loopback addresses
 /// when one would run out of ports.
 fn sources(cli: &Cli, addr: SocketAddr) -> Vec<Option<Ipv4Addr>> {
-    let wanted = cli
-        .sources
-        .unwrap_or_else(|| cli.clients.div_ceil(PER_SOURCE));
+    let wanted = source_count(cli);
     let loopback_v4 = matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
     (0..cli.clients)
         .map(|i| {
-            if loopback_v4 && wanted > 1 {
-                let n = (i % wanted) as u8;
+            if loopback_v4 && (wanted > 1 || cli.source_offset > 0) {
+                // At most 254, checked in main.
+                let n = (cli.source_offset + i % wanted) as u8;
                 Some(Ipv4Addr::new(127, 0, 0, 1 + n))
             } else {
                 None
@@ -212,8 +240,84 @@ fn sources(cli: &Cli, addr: SocketAddr) -> Vec<Option<Ipv4Addr>> {
         .collect()
 }
 
+fn source_count(cli: &Cli) -> usize {
+    cli.sources
+        .unwrap_or_else(|| cli.clients.div_ceil(PER_SOURCE))
+        .max(1)
+}
+
+/// `--merge`: reads the reports, adds them up, and writes the result like a run would.
+fn merge_files(cli: &Cli) -> Result<ExitCode, String> {
+    let mut reports = Vec::new();
+    for path in &cli.merge {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let report: Report = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "{} is not a probe report ({e}); give the --json files of probes run with --raw",
+                path.display()
+            )
+        })?;
+        reports.push(report);
+    }
+    let raws: Vec<Recorder> = reports
+        .iter()
+        .filter_map(|r| r.raw.as_ref())
+        .map(|raw| Recorder::from_raw(&raw.recorder))
+        .collect();
+    let merged = report::merge(reports, cli.label.clone(), cli.raw).map_err(|e| e.to_string())?;
+    print_table(&merged);
+    write_outputs(cli, &merged, || {
+        let mut rec = Recorder::default();
+        for r in raws {
+            rec.merge(r);
+        }
+        rec
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `--json` and `--plot`; `recorder` gives the distributions to plot.
+fn write_outputs(
+    cli: &Cli,
+    report: &Report,
+    recorder: impl FnOnce() -> Recorder,
+) -> Result<(), String> {
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &cli.plot {
+        let rec = recorder();
+        let spread = rec.spread();
+        let title = format!(
+            "{} — {} client{}, {:.0} s",
+            report.label.as_deref().unwrap_or(&report.url),
+            report.connected,
+            if report.connected == 1 { "" } else { "s" },
+            report.duration_s
+        );
+        let mut lines = vec![
+            ("interval jitter", &rec.jitter),
+            ("fan-out spread", &spread),
+        ];
+        if report.latency_valid {
+            lines.push(("latency", &rec.latency));
+        }
+        plot::percentile_plot(path, &title, &lines)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.merge.is_empty() {
+        return merge_files(&cli).unwrap_or_else(|e| {
+            eprintln!("conductor-probe: {e}");
+            ExitCode::FAILURE
+        });
+    }
     if cli.sync.sync {
         let url = cli.url.as_deref().unwrap_or_default();
         return sync::run(
@@ -247,6 +351,21 @@ fn main() -> ExitCode {
     }
     if cli.sources.is_some_and(|n| !(1..=254).contains(&n)) {
         eprintln!("conductor-probe: --sources must be 1 to 254 (127.0.0.1 .. 127.0.0.254)");
+        return ExitCode::from(2);
+    }
+    if cli.source_offset + source_count(&cli) > 254 {
+        eprintln!(
+            "conductor-probe: --source-offset {} with {} source addresses goes past 127.0.0.254",
+            cli.source_offset,
+            source_count(&cli)
+        );
+        return ExitCode::from(2);
+    }
+    if cli
+        .measure_at
+        .is_some_and(|t| !t.is_finite() || (t - unix_now_s()).abs() > 86_400.0)
+    {
+        eprintln!("conductor-probe: --measure-at must be a unix time within a day of now");
         return ExitCode::from(2);
     }
     raise_fd_limit();
@@ -358,6 +477,12 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
         ));
     }
     progress("connecting");
+    // Several processes measure one window: wait for its start (still answering pings).
+    if let Some(at) = cli.measure_at {
+        while unix_now_s() < at {
+            thread::sleep(Duration::from_secs_f64((at - unix_now_s()).clamp(0.0, 0.2)));
+        }
+    }
 
     // Measure.
     shared.measuring.store(true, Ordering::Relaxed);
@@ -380,62 +505,29 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
         tracks,
         failures,
         closes,
+        messages,
+        pings,
     } = collect(handles)?;
 
-    let mut drifts: Vec<f64> = tracks.iter().filter_map(|t| t.drift_ns()).collect();
-    let drift_us_max_abs = drifts.iter().fold(0.0f64, |m, d| m.max(d.abs())) / 1000.0;
-    let drift_us = median(&mut drifts) / 1000.0;
-    let ticks: Vec<u64> = tracks.iter().map(|t| t.ticks).collect();
-    let spread = rec.spread();
-    let report = Report {
+    let drifts: Vec<f64> = tracks.iter().filter_map(|t| t.drift_ns()).collect();
+    let info = RunInfo {
         label: cli.label.clone(),
         url: target.url.clone(),
         mode: match target.mode {
             Mode::Plain => "ws",
             Mode::SocketIo => "socketio",
-        },
-        clients: cli.clients,
-        connected: tracks.len(),
-        duration_s: (measured_s * 1000.0).round() / 1000.0,
-        ticks_total: ticks.iter().sum(),
-        ticks_min: ticks.iter().copied().min().unwrap_or(0),
-        ticks_max: ticks.iter().copied().max().unwrap_or(0),
-        gaps: tracks.iter().map(|t| t.gaps).sum(),
-        reorders: tracks.iter().map(|t| t.reorders).sum(),
-        interval_jitter_us: Percentiles::of(&rec.jitter),
-        spread_us: Percentiles::of(&spread),
-        latency_us: Percentiles::of(&rec.latency),
-        latency_valid: target.addr.ip().is_loopback(),
-        latency_early: rec.early,
-        drift_us,
-        drift_us_max_abs,
-        drift_us_per_min: drift_per_min(drift_us, measured_s),
-        failures,
-        closes,
-    };
-    print_table(&report);
-    if let Some(path) = &cli.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    if let Some(path) = &cli.plot {
-        let title = format!(
-            "{} — {} client{}, {:.0} s",
-            cli.label.as_deref().unwrap_or(&target.url),
-            report.connected,
-            if report.connected == 1 { "" } else { "s" },
-            measured_s
-        );
-        let mut lines = vec![
-            ("interval jitter", &rec.jitter),
-            ("fan-out spread", &spread),
-        ];
-        if report.latency_valid {
-            lines.push(("latency", &rec.latency));
         }
-        plot::percentile_plot(path, &title, &lines)?;
-    }
+        .to_string(),
+        ticks_asked: target.ticks.label().to_string(),
+        clients: cli.clients,
+        processes: 1,
+        measured_s,
+        latency_valid: target.addr.ip().is_loopback(),
+    };
+    let tally = Tally::of_tracks(&tracks, messages, pings);
+    let report = report::build(info, &rec, drifts, tally, failures, closes, cli.raw);
+    print_table(&report);
+    write_outputs(cli, &report, || rec)?;
 
     if report.connected == 0 {
         let why = report
@@ -445,7 +537,8 @@ fn run(cli: &Cli, target: Target) -> Result<ExitCode, String> {
             .map_or("no reason given".to_string(), |(k, _)| k.clone());
         return Err(format!("no connection to {} succeeded: {why}", target.url));
     }
-    if report.ticks_total == 0 {
+    // A client that asked for no ticks and got none is what was asked for.
+    if report.ticks_total == 0 && target.ticks != TickChoice::None {
         return Err(format!(
             "connected to {}, but no tick messages arrived in {:.0} s: is this a tick server{}?",
             target.url,
@@ -466,6 +559,8 @@ struct Collected {
     tracks: Vec<metrics::ConnTrack>,
     failures: BTreeMap<String, u64>,
     closes: BTreeMap<String, u64>,
+    messages: u64,
+    pings: u64,
 }
 
 /// Waits for the probe threads (told to stop) and merges their results.
@@ -477,6 +572,8 @@ fn collect(
         tracks: Vec::new(),
         failures: BTreeMap::new(),
         closes: BTreeMap::new(),
+        messages: 0,
+        pings: 0,
     };
     for handle in handles {
         let result = handle
@@ -485,6 +582,8 @@ fn collect(
             .map_err(|e| format!("event loop failed: {e}"))?;
         all.rec.merge(result.rec);
         all.tracks.extend(result.tracks);
+        all.messages += result.messages;
+        all.pings += result.pings;
         for (k, v) in result.failures {
             *all.failures.entry(k).or_insert(0) += v;
         }
@@ -495,57 +594,68 @@ fn collect(
     Ok(all)
 }
 
-fn print_table(r: &Report) {
-    let row = |name: &str, p: &Percentiles| {
-        println!(
-            "  {name:<16} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-            p.p50, p.p99, p.p999, p.max
-        );
-    };
-    println!("{} ({}), {} s", r.url, r.mode, r.duration_s);
-    println!(
-        "  clients {} connected {}  ticks/conn {}..{}  gaps {}  reorders {}",
-        r.clients, r.connected, r.ticks_min, r.ticks_max, r.gaps, r.reorders
-    );
-    println!(
-        "  {:<16} {:>10} {:>10} {:>10} {:>10}",
-        "µs", "p50", "p99", "p99.9", "max"
-    );
-    row("interval jitter", &r.interval_jitter_us);
-    row("fan-out spread", &r.spread_us);
-    row("latency", &r.latency_us);
-    let rate = r
-        .drift_us_per_min
-        .map_or(String::new(), |per_min| format!("; {per_min:.1} µs/min"));
-    println!(
-        "  drift {:.1} µs over the {} s run (median over connections{rate}; worst {:.1} µs)",
-        r.drift_us, r.duration_s, r.drift_us_max_abs
-    );
-    if r.latency_valid {
-        println!("  latency: probe and server share this host's clock, so it is valid");
-    } else {
-        println!(
-            "  latency: compares two hosts' clocks; valid only as far as they are synchronised"
-        );
-    }
-    for (k, v) in &r.failures {
-        println!("  failed: {v} × {k}");
-    }
-    for (k, v) in &r.closes {
-        println!("  closed by server: {v} × {k}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn drift_is_a_rate_only_for_runs_of_a_minute_or_more() {
-        // A 10 s run's drift is not scaled up six times into a rate.
-        assert_eq!(drift_per_min(-75.0, 10.0), None);
-        assert_eq!(drift_per_min(-75.0, 59.9), None);
-        assert_eq!(drift_per_min(-75.0, 60.0), Some(-75.0));
-        assert_eq!(drift_per_min(-9.9, 600.0), Some(-0.99));
+    fn query_pairs_are_encoded_and_ticks_taken_from_them() {
+        let q = |v: &[&str]| query_pairs(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(q(&[]).unwrap(), (String::new(), TickChoice::All));
+        assert_eq!(
+            q(&["ticks=none", "room=main stage/2"]).unwrap(),
+            (
+                "ticks=none&room=main%20stage%2F2".to_string(),
+                TickChoice::None
+            )
+        );
+        assert_eq!(q(&["ticks=beat"]).unwrap().1, TickChoice::Beat);
+        assert_eq!(q(&["flag="]).unwrap().0, "flag=");
+        assert!(q(&["ticks"]).unwrap_err().contains("KEY=VALUE"));
+        assert!(q(&["=x"]).is_err());
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("conductor-probe").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_query_goes_on_the_websocket_url_and_the_socketio_handshake() {
+        let t = target(&cli(&["ws://127.0.0.1:9/ws", "--query", "ticks=bar"])).unwrap();
+        assert_eq!(t.url, "ws://127.0.0.1:9/ws?ticks=bar");
+        assert_eq!(t.ticks, TickChoice::Bar);
+        let t = target(&cli(&["ws://127.0.0.1:9/ws?token=a", "--query", "room=b"])).unwrap();
+        assert_eq!(t.url, "ws://127.0.0.1:9/ws?token=a&room=b");
+        let t = target(&cli(&[
+            "--socketio",
+            "http://127.0.0.1:9",
+            "--query",
+            "ticks=none",
+        ]))
+        .unwrap();
+        assert_eq!(
+            t.url,
+            "ws://127.0.0.1:9/socket.io/?EIO=4&transport=websocket&ticks=none"
+        );
+    }
+
+    #[test]
+    fn a_source_offset_moves_every_connection_to_its_own_addresses() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let c = cli(&[
+            "ws://127.0.0.1:9/ws",
+            "--clients",
+            "3",
+            "--source-offset",
+            "2",
+        ]);
+        let all = sources(&c, addr);
+        assert!(all.iter().all(|s| *s == Some(Ipv4Addr::new(127, 0, 0, 3))));
+        let c = cli(&["ws://127.0.0.1:9/ws", "--clients", "4", "--sources", "2"]);
+        let all = sources(&c, addr);
+        assert_eq!(all[0], Some(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(all[1], Some(Ipv4Addr::new(127, 0, 0, 2)));
+        let c = cli(&["ws://127.0.0.1:9/ws", "--clients", "4"]);
+        assert!(sources(&c, addr).iter().all(Option::is_none));
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One tick as it arrived on one connection.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,6 +33,52 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap_or_else(|_| unreachable!())
 }
 
+/// Which ticks a client asked the server for (`?ticks=`), and so which counts it expects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TickChoice {
+    /// Every tick (the predecessor's protocol, and the default).
+    #[default]
+    All,
+    /// One tick per beat: every `ppqn`-th count.
+    Beat,
+    /// One tick per bar: every `ppqn · beats_per_bar`-th count.
+    Bar,
+    /// No ticks at all: the client schedules on the timeline.
+    None,
+}
+
+impl TickChoice {
+    /// The choice named by a `ticks=` value; anything unknown is sent as asked and expected to
+    /// behave as `all` (a server refusing it is what the probe then reports).
+    pub fn from_query_value(v: &str) -> TickChoice {
+        match v {
+            "beat" => TickChoice::Beat,
+            "bar" => TickChoice::Bar,
+            "none" => TickChoice::None,
+            _ => TickChoice::All,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TickChoice::All => "all",
+            TickChoice::Beat => "beat",
+            TickChoice::Bar => "bar",
+            TickChoice::None => "none",
+        }
+    }
+
+    /// Counts between two consecutive ticks this client should get (1 for `none` too: any
+    /// tick that arrives then is measured as it is).
+    pub fn stride(self, ppqn: u32, beats_per_bar: u32) -> u64 {
+        match self {
+            TickChoice::All | TickChoice::None => 1,
+            TickChoice::Beat => u64::from(ppqn.max(1)),
+            TickChoice::Bar => u64::from(ppqn.max(1)) * u64::from(beats_per_bar.max(1)),
+        }
+    }
+}
+
 /// The per-connection state behind interval jitter, drift, gaps and reorders.
 #[derive(Clone, Debug, Default)]
 pub struct ConnTrack {
@@ -40,12 +86,25 @@ pub struct ConnTrack {
     last: Option<Arrival>,
     /// Sum of ideal intervals from the first tick to the last.
     ideal_ns: f64,
+    /// Counts from one expected tick to the next (0 and 1 both mean every tick).
+    pub stride: u64,
     pub ticks: u64,
+    /// Expected ticks that never came.
     pub gaps: u64,
     pub reorders: u64,
+    /// Steps that were not a whole number of strides (a `beat` client given an off-beat tick).
+    pub off_stride: u64,
 }
 
 impl ConnTrack {
+    /// A connection that expects a tick every `stride` counts.
+    pub fn with_stride(stride: u64) -> ConnTrack {
+        ConnTrack {
+            stride,
+            ..ConnTrack::default()
+        }
+    }
+
     /// Takes one arrival, recording its interval jitter and fan-out arrival into `rec`.
     pub fn observe(&mut self, a: Arrival, rec: &mut Recorder) {
         rec.observe_arrival(&a);
@@ -58,6 +117,7 @@ impl ConnTrack {
             Some(prev) if a.count <= prev.count => self.reorders += 1,
             Some(prev) => {
                 let steps = a.count - prev.count;
+                let stride = self.stride.max(1);
                 // The server's own schedule, when it says: whatever rule it re-anchors a tempo
                 // change by (conductor keeps the announced instant of the first tick at the
                 // new tempo, so the interval into it is the old one). Otherwise each tick's own
@@ -68,12 +128,18 @@ impl ConnTrack {
                 };
                 // Two ticks out of one read share a timestamp: the interval between them says
                 // when the probe read, not when the server sent, so it is no sample.
-                if steps == 1 && a.bpm == prev.bpm && a.at_ns != prev.at_ns {
+                if steps == stride && a.bpm == prev.bpm && a.at_ns != prev.at_ns {
                     let actual = (a.at_ns - prev.at_ns) as f64;
+                    let expected = stride as f64 * ideal;
                     rec.jitter
-                        .saturating_record((actual - ideal).abs().round().max(1.0) as u64);
+                        .saturating_record((actual - expected).abs().round().max(1.0) as u64);
                 }
-                self.gaps += steps - 1;
+                if steps.is_multiple_of(stride) {
+                    self.gaps += steps / stride - 1;
+                } else {
+                    self.off_stride += 1;
+                    self.gaps += steps / stride;
+                }
                 self.ideal_ns += steps as f64 * ideal;
                 self.ticks += 1;
                 self.last = Some(a);
@@ -147,6 +213,45 @@ impl Recorder {
         }
     }
 
+    /// Everything needed to merge this recorder with another process's, as plain data.
+    pub fn to_raw(&self) -> RawRecorder {
+        let pairs = |h: &Histogram<u64>| {
+            h.iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()])
+                .collect()
+        };
+        let mut by_count: Vec<_> = self
+            .by_count
+            .iter()
+            .map(|(count, (lo, hi, n))| (*count, *lo, *hi, *n))
+            .collect();
+        by_count.sort_unstable();
+        RawRecorder {
+            jitter_ns: pairs(&self.jitter),
+            latency_ns: pairs(&self.latency),
+            early: self.early,
+            by_count,
+        }
+    }
+
+    /// The recorder `raw` was made from (to the histograms' precision).
+    pub fn from_raw(raw: &RawRecorder) -> Recorder {
+        let mut rec = Recorder::default();
+        for [value, n] in &raw.jitter_ns {
+            rec.jitter.saturating_record_n(*value, *n);
+        }
+        for [value, n] in &raw.latency_ns {
+            rec.latency.saturating_record_n(*value, *n);
+        }
+        rec.early = raw.early;
+        rec.by_count = raw
+            .by_count
+            .iter()
+            .map(|(count, lo, hi, n)| (*count, (*lo, *hi, *n)))
+            .collect();
+        rec
+    }
+
     /// Fan-out spread per count seen by at least two connections.
     pub fn spread(&self) -> Histogram<u64> {
         let mut h = histogram();
@@ -159,8 +264,18 @@ impl Recorder {
     }
 }
 
+/// A [`Recorder`] as plain data, for `--raw` reports that `--merge` adds up: histograms as
+/// `[value ns, count]` pairs, and each count's (first arrival, last arrival, connections).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RawRecorder {
+    pub jitter_ns: Vec<[u64; 2]>,
+    pub latency_ns: Vec<[u64; 2]>,
+    pub early: u64,
+    pub by_count: Vec<(u64, i64, i64, u32)>,
+}
+
 /// `{p50, p99, p999, max}` in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p99: f64,
@@ -351,6 +466,58 @@ mod tests {
         a.scheduled_us = Some(i64::MAX / 10);
         ConnTrack::default().observe(a, &mut rec);
         assert_eq!(rec.latency.len(), 0);
+    }
+
+    #[test]
+    fn a_beat_client_counts_gaps_in_beats_and_jitter_against_the_beat() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::with_stride(TickChoice::Beat.stride(4, 4));
+        // Beats at counts 0, 4, 8, then 16 (one beat missing), each 500 ms apart at 120 BPM.
+        for (n, at) in [(0, 0.0), (4, 501.0), (8, 1000.0), (16, 2000.0)] {
+            t.observe(arrival(n, at), &mut rec);
+        }
+        assert_eq!(t.gaps, 1);
+        assert_eq!(t.off_stride, 0);
+        assert_eq!(rec.jitter.len(), 2, "only beat-to-next-beat pairs count");
+        let max = Percentiles::of(&rec.jitter).max;
+        assert!((max - 1000.0).abs() < 2.0, "{max}");
+        assert_eq!(t.drift_ns(), Some(0.0));
+        // A tick off the beat is counted as such, not as a gap.
+        t.observe(arrival(18, 2250.0), &mut rec);
+        assert_eq!((t.gaps, t.off_stride), (1, 1));
+    }
+
+    #[test]
+    fn tick_choices_and_their_strides() {
+        assert_eq!(TickChoice::from_query_value("beat"), TickChoice::Beat);
+        assert_eq!(TickChoice::from_query_value("none"), TickChoice::None);
+        assert_eq!(TickChoice::from_query_value("bogus"), TickChoice::All);
+        assert_eq!(TickChoice::All.stride(24, 4), 1);
+        assert_eq!(TickChoice::Beat.stride(24, 4), 24);
+        assert_eq!(TickChoice::Bar.stride(4, 3), 12);
+        assert_eq!(TickChoice::Bar.stride(0, 0), 1);
+    }
+
+    #[test]
+    fn a_recorder_survives_the_trip_through_raw_data() {
+        let mut rec = Recorder::default();
+        let mut t = ConnTrack::default();
+        for n in 0..50u64 {
+            t.observe(
+                arrival(n, n as f64 * 125.0 + (n % 7) as f64 * 0.3),
+                &mut rec,
+            );
+        }
+        let raw = rec.to_raw();
+        let json = serde_json::to_string(&raw).unwrap();
+        let back = Recorder::from_raw(&serde_json::from_str(&json).unwrap());
+        assert_eq!(Percentiles::of(&back.jitter), Percentiles::of(&rec.jitter));
+        assert_eq!(
+            Percentiles::of(&back.latency),
+            Percentiles::of(&rec.latency)
+        );
+        assert_eq!(back.by_count, rec.by_count);
+        assert_eq!(back.early, rec.early);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use crate::metrics::{Arrival, ConnTrack, Recorder};
+use crate::metrics::{Arrival, ConnTrack, Recorder, TickChoice};
 use crate::wire::{self, EnginePacket, Event, TickFields};
 
 /// Which protocol the server speaks.
@@ -40,6 +40,8 @@ pub struct Target {
     /// `ws://host:port/path?query` for the handshake request.
     pub url: String,
     pub mode: Mode,
+    /// The ticks asked for with `?ticks=` (`all` when not asked): what counts as a gap.
+    pub ticks: TickChoice,
 }
 
 /// Live figures a thread publishes for the progress line.
@@ -70,6 +72,10 @@ pub struct ThreadResult {
     pub failures: BTreeMap<String, u64>,
     /// Connections the server ended, by close code (or "reset").
     pub closes: BTreeMap<String, u64>,
+    /// Text messages of any kind received while measuring (ticks, timelines, hellos…).
+    pub messages: u64,
+    /// Pings received while measuring (WebSocket ping frames, or Engine.IO `2`), all answered.
+    pub pings: u64,
 }
 
 /// A TCP stream whose reads also return the kernel's receive timestamp.
@@ -174,6 +180,8 @@ struct Conn {
     started: Instant,
     /// Ticks per quarter note, from the server's hello (4 until told otherwise).
     ppqn: u32,
+    /// Beats per bar, from the server's hello (4 until told otherwise).
+    beats_per_bar: u32,
     /// Socket.IO: the namespace connect was acknowledged.
     joined: bool,
     track: ConnTrack,
@@ -259,8 +267,9 @@ pub fn run_thread(
             source,
             started: now,
             ppqn: 4,
+            beats_per_bar: 4,
             joined: false,
-            track: ConnTrack::default(),
+            track: ConnTrack::with_stride(target.ticks.stride(4, 4)),
             counted_connected: false,
         })
         .collect();
@@ -278,6 +287,8 @@ pub fn run_thread(
         failures: &mut result.failures,
         closes: &mut result.closes,
         ticks: &mut ticks,
+        messages: &mut result.messages,
+        pings: &mut result.pings,
     };
 
     while !shared.stop.load(Ordering::Relaxed) {
@@ -360,6 +371,8 @@ struct Ctx<'a> {
     failures: &'a mut BTreeMap<String, u64>,
     closes: &'a mut BTreeMap<String, u64>,
     ticks: &'a mut u64,
+    messages: &'a mut u64,
+    pings: &'a mut u64,
 }
 
 impl Ctx<'_> {
@@ -439,8 +452,17 @@ impl Ctx<'_> {
             match ws.read() {
                 Ok(Message::Text(text)) => {
                     let at_ns = ws.get_ref().arrival_ns();
+                    if self.measuring() {
+                        *self.messages += 1;
+                    }
                     if !self.on_text(conn, ws, &text, at_ns) {
                         return false;
+                    }
+                }
+                // tungstenite queues the pong itself; it goes out with the next flush.
+                Ok(Message::Ping(_)) => {
+                    if self.measuring() {
+                        *self.pings += 1;
                     }
                 }
                 Ok(Message::Close(frame)) => {
@@ -489,6 +511,9 @@ impl Ctx<'_> {
                     return true;
                 }
                 EnginePacket::Ping => {
+                    if self.measuring() {
+                        *self.pings += 1;
+                    }
                     let _ = ws.send(Message::text("3"));
                     return true;
                 }
@@ -510,15 +535,26 @@ impl Ctx<'_> {
             },
         };
         match event {
-            Event::Hello { ppqn } => conn.ppqn = ppqn.unwrap_or(4),
+            Event::Hello {
+                ppqn,
+                beats_per_bar,
+            } => {
+                conn.ppqn = ppqn.unwrap_or(4);
+                conn.beats_per_bar = beats_per_bar.unwrap_or(4);
+                conn.track.stride = self.target.ticks.stride(conn.ppqn, conn.beats_per_bar);
+            }
             Event::Tick(t) => self.on_tick(conn, t, at_ns),
             Event::Other => {}
         }
         true
     }
 
+    fn measuring(&self) -> bool {
+        self.shared.measuring.load(Ordering::Relaxed)
+    }
+
     fn on_tick(&mut self, conn: &mut Conn, t: TickFields, at_ns: i64) {
-        if !self.shared.measuring.load(Ordering::Relaxed) {
+        if !self.measuring() {
             return;
         }
         *self.ticks += 1;

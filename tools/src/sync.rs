@@ -41,9 +41,9 @@ const MOVE_TOLERANCE_NS: i64 = 1_000_000;
 /// The `--sync` options (the probe's `--clients`, `--duration`, `--json` and `--label` apply).
 #[derive(Debug, Default, clap::Args)]
 pub struct SyncArgs {
-    /// Measure clock sync and planned play times (docs/sync.md) instead of tick arrivals. The
-    /// URL is the server itself: a plain client there records the truth, and `--at` changes
-    /// are sent there
+    /// Measure clock sync and planned play times (docs/protocol.md#clock-sync) instead of tick
+    /// arrivals. The URL is the server itself: a plain client there records the truth, and
+    /// `--at` changes are sent there
     #[arg(long)]
     pub sync: bool,
 

@@ -32,7 +32,11 @@ impl TickFields {
 /// A message in the tick protocol.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Event {
-    Hello { ppqn: Option<u32> },
+    Hello {
+        ppqn: Option<u32>,
+        /// Beats in a bar (conductor's hello), for `?ticks=bar`.
+        beats_per_bar: Option<u32>,
+    },
     Tick(TickFields),
     Other,
 }
@@ -49,13 +53,19 @@ struct Envelope<'a> {
 struct HelloFields {
     #[serde(default)]
     ppqn: Option<u32>,
+    #[serde(default)]
+    beats_per_bar: Option<u32>,
 }
 
 fn event(name: &str, data: Option<&RawValue>) -> Event {
     match (name, data) {
         ("tick", Some(d)) => serde_json::from_str(d.get()).map_or(Event::Other, Event::Tick),
-        ("hello", Some(d)) => serde_json::from_str::<HelloFields>(d.get())
-            .map_or(Event::Other, |h| Event::Hello { ppqn: h.ppqn }),
+        ("hello", Some(d)) => {
+            serde_json::from_str::<HelloFields>(d.get()).map_or(Event::Other, |h| Event::Hello {
+                ppqn: h.ppqn,
+                beats_per_bar: h.beats_per_bar,
+            })
+        }
         _ => Event::Other,
     }
 }
@@ -128,7 +138,17 @@ mod tests {
         assert_eq!(t.ppqn, Some(4));
         assert_eq!(
             parse_json_event(r#"{"event":"hello","data":{"bpm":120,"ppqn":24}}"#),
-            Event::Hello { ppqn: Some(24) }
+            Event::Hello {
+                ppqn: Some(24),
+                beats_per_bar: None
+            }
+        );
+        assert_eq!(
+            parse_json_event(r#"{"event":"hello","data":{"ppqn":4,"beats_per_bar":3}}"#),
+            Event::Hello {
+                ppqn: Some(4),
+                beats_per_bar: Some(3)
+            }
         );
     }
 

@@ -193,6 +193,95 @@ fn bad_targets_get_a_clear_one_line_error() {
     );
 }
 
+#[test]
+fn a_run_split_over_processes_merges_into_one_report() {
+    let server = Server::start(&[]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 2.0;
+    let at = format!("{at:.3}");
+    let dir = std::env::temp_dir();
+    let part = |i: usize| dir.join(format!("probe-split-{}-{i}.json", std::process::id()));
+    let children: Vec<_> = [(0, "3"), (1, "4")]
+        .into_iter()
+        .map(|(i, clients)| {
+            Command::new(probe_bin())
+                .args([&url, "--clients", clients, "--duration", "2", "--raw"])
+                .args(["--source-offset", &i.to_string(), "--measure-at", &at])
+                .arg("--json")
+                .arg(part(i))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("probe")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().expect("wait").success());
+    }
+    let (a, b) = (part(0), part(1));
+    let (r, table) = probe_report(&[
+        "--merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--label",
+        "split",
+    ]);
+    let _ = (std::fs::remove_file(a), std::fs::remove_file(b));
+    assert_eq!(r["processes"], 2, "{r}");
+    assert_eq!(
+        (r["clients"].as_u64(), r["connected"].as_u64()),
+        (Some(7), Some(7))
+    );
+    assert_eq!(r["gaps"], 0, "{r}");
+    assert!(r.get("raw").is_none(), "raw data only when asked: {r}");
+    // One window: every count was seen by the clients of both processes.
+    assert!(r["spread_us"]["samples"].as_u64().unwrap() >= 14, "{r}");
+    let (min, max) = (
+        r["ticks_min"].as_u64().unwrap(),
+        r["ticks_max"].as_u64().unwrap(),
+    );
+    assert!((14..=18).contains(&min) && max - min <= 1, "{min}..{max}");
+    assert!(table.contains("2 probe processes merged"), "{table}");
+
+    // A report without raw data cannot be merged: one line says how to make one.
+    let plain = dir.join(format!("probe-plain-{}.json", std::process::id()));
+    std::fs::write(&plain, serde_json::to_string(&r).unwrap()).unwrap();
+    let line = one_line_error(&probe(&["--merge", plain.to_str().unwrap()]));
+    let _ = std::fs::remove_file(plain);
+    assert!(line.contains("--raw"), "{line}");
+}
+
+#[test]
+fn query_parameters_reach_the_server_and_ticks_none_needs_no_ticks() {
+    let server = Server::start(&[]);
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    // Whether or not this server honours ?ticks=none, asking for it is no failure, and the
+    // report says what was asked.
+    let r = probe_json(&[
+        &url,
+        "--clients",
+        "2",
+        "--duration",
+        "1",
+        "--query",
+        "ticks=none",
+    ]);
+    assert_eq!(r["ticks_asked"], "none");
+    assert_eq!(r["connected"], 2, "{r}");
+    assert!(
+        r["url"].as_str().unwrap().ends_with("/ws?ticks=none"),
+        "{r}"
+    );
+    // A malformed pair is refused before anything connects.
+    let out = probe(&[&url, "--query", "ticks"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -333,7 +333,15 @@ impl FixedServer {
     fn start(port: u16) -> FixedServer {
         use std::io::BufRead;
         let mut child = std::process::Command::new(common::bin())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            // No state file: the restarted server must count from 0 again (a relocation).
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--state",
+                "none",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -518,22 +526,15 @@ fn help_lists_every_flag_with_its_environment_variable() {
 #[test]
 fn alsa_virtual_port_carries_the_clock() {
     if !std::path::Path::new("/dev/snd/seq").exists() {
-        // TODO(lead): switch to tests/common/require.rs (`missing("alsa", ...)`) when merging.
-        let skip = std::env::var("CONDUCTOR_TEST_SKIP").unwrap_or_default();
-        if skip.split([',', ' ']).any(|s| s == "alsa" || s == "all") {
-            // Straight to stderr: the harness captures eprintln!, and a skip must show.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                b"\n!!! SKIPPED alsa_virtual_port_carries_the_clock: /dev/snd/seq does not exist, \
-                  and CONDUCTOR_TEST_SKIP asked to skip it.\n",
-            );
+        let need = common::require::missing(
+            "alsa",
+            "/dev/snd/seq (this kernel has no ALSA sequencer)",
+            "modprobe snd-seq; a VM without sound modules cannot have it, and the pty tests \
+             cover MIDI there",
+        );
+        if !need {
             return;
         }
-        panic!(
-            "/dev/snd/seq does not exist: this machine has no ALSA sequencer. Load it: \
-             `modprobe snd-seq` (on a VM without sound modules: skip explicitly with \
-             CONDUCTOR_TEST_SKIP=alsa; the pty tests cover MIDI)"
-        );
     }
     alsa::virtual_port_carries_the_clock();
 }

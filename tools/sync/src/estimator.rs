@@ -1,9 +1,9 @@
 //! Clock sync: how this device's clock maps to the server's, from ping/pong exchanges.
 //!
-//! This module owns the estimator described in `docs/sync.md` (the same description
-//! `www/conductor.js` implements). It is pure: samples come in with their four timestamps, the
-//! mapping comes out; it reads no clock and sends nothing, so it is tested against synthetic
-//! paths with a fake clock.
+//! This module owns the estimator described in `docs/protocol.md#clock-sync` (the same
+//! description `www/conductor.js` implements). It is pure: samples come in with their four
+//! timestamps, the mapping comes out; it reads no clock and sends nothing, so it is tested
+//! against synthetic paths with a fake clock.
 //!
 //! In short: each exchange gives a forward bound `a = t1 − t0 = θ + up` and a backward one
 //! `b = t2 − t3 = θ − down` on the offset θ (server − local). Over a window, the offset line
@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 
-/// Tuning of [`ClockSync`]. The defaults are what `docs/sync.md` describes.
+/// Tuning of [`ClockSync`]. The defaults are what `docs/protocol.md#clock-sync` describes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClockSyncConfig {
     /// Samples older than this (local time, before the newest) leave the window.
@@ -28,7 +28,7 @@ pub struct ClockSyncConfig {
     pub max_rate_ppm: f64,
     /// How wide the fitted rate's uncertainty is taken: `rate_confidence · J / (n · T)` for
     /// `n` samples over `T` ns whose median excess over their envelope is `J` ns. 32 covers
-    /// the fit's error in 99 % of simulated cases (docs/sync.md).
+    /// the fit's error in 99 % of simulated cases (docs/protocol.md#clock-sync).
     pub rate_confidence: f64,
     /// The estimator is settled (and slews from then on) once its first sample is this old...
     pub settle_ns: i64,
@@ -598,7 +598,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// The default ping schedule (docs/sync.md): every 100 ms for 10 s, then every 250 ms.
+    /// The default ping schedule (docs/protocol.md#clock-sync): every 100 ms for 10 s, then
+    /// every 250 ms.
     pub fn ping_times(seconds: f64) -> Vec<f64> {
         let mut out = Vec::new();
         let mut t = 1_000_000_000_000.0; // an arbitrary true start

@@ -5,8 +5,9 @@
 //! timestamps where the platform has them) and the ping schedule. It makes no musical
 //! decisions: what to play when is the reader's business, from the [`SyncState`] it publishes.
 //!
-//! The ping schedule (`docs/sync.md`): one every 100 ms for the first 10 s of a connection,
-//! then one every 250 ms; 10 and 4 messages a second, inside the server's default limit of 20.
+//! The ping schedule (`docs/protocol.md#clock-sync`): one every 100 ms for the first 10 s of a
+//! connection, then one every 250 ms; 10 and 4 messages a second, inside the server's default
+//! limit of 20.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -63,7 +64,7 @@ pub struct FollowerConfig {
 }
 
 impl FollowerConfig {
-    /// The defaults of `docs/sync.md`, on this process's monotonic clock.
+    /// The defaults of `docs/protocol.md#clock-sync`, on this process's monotonic clock.
     pub fn new(url: impl Into<String>) -> FollowerConfig {
         FollowerConfig {
             url: url.into(),

@@ -10,10 +10,10 @@
 //!
 //! * [`Timeline`] is the server's `timeline` event and its tick arithmetic (the server's own):
 //!   when tick *n* is due on the server's clock, and whether it plays.
-//! * [`ClockSync`] is the clock estimator of `docs/sync.md`: from ping/pong samples it keeps a
-//!   [`ClockMapping`] between this device's clock and the server's (offset, rate, error bound),
-//!   robust to jitter and bursts, slewed rather than stepped once settled. `www/conductor.js`
-//!   implements the same description.
+//! * [`ClockSync`] is the clock estimator of `docs/protocol.md#clock-sync`: from ping/pong
+//!   samples it keeps a [`ClockMapping`] between this device's clock and the server's (offset,
+//!   rate, error bound), robust to jitter and bursts, slewed rather than stepped once settled.
+//!   `www/conductor.js` implements the same description.
 //! * [`LocalClock`] is where "now" comes from: [`RealClock`], or an [`EmulatedClock`] that is
 //!   off by seconds and runs fast or slow, for tests and emulation.
 //! * [`Follower`] runs a client on its own thread and publishes each new [`SyncState`]; a
