@@ -153,7 +153,8 @@ fn stop_start_on_the_bar_and_a_tempo_change_reach_the_device() {
         }
     };
     let anchor = changed["data"]["count"].as_u64().unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    // The change lands a lead (at least 150 ms) ahead, then 30 clocks at 150 BPM take 500 ms.
+    std::thread::sleep(Duration::from_millis(1200));
     let bytes = pty.bytes();
     // The k-th clock from Start is clock 6·start_count + k; the anchor's is 6·anchor.
     let clocks: Vec<&Byte> = bytes[fa..].iter().filter(|b| b.byte == F8).collect();
