@@ -11,6 +11,9 @@
 //                URL and its QR code, and a page on that origin importing BASE's /conductor.js
 //   DOOMED_BASE, DOOMED_PID   a server this script kills: the control page must show it
 // The first server must run with --www docs/examples (the metronome example).
+// Rooms: on the first server, /drums.html?room=x follows room x's tempo (set by a WebSocket
+// client while main stays at its own), /?room=x conducts x, and a bad name shows the server's
+// refusal without retrying; on OTHER_BASE, /?room=x's join panel and QR code carry room=x.
 //
 // Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
 // check prints one line. Screenshots go to $SCREENSHOTS_DIR, by default tests/browser/screenshots/
@@ -520,6 +523,19 @@ try {
     await sleep(1500);
     check((await bad.textContent("#status")) === "refused", "rooms: and does not retry");
     await bad.close();
+    // The control page too: its banner and its join panel say why.
+    const badIndex = await browser.newPage();
+    watch(badIndex, "index (bad room)");
+    orphaned.add("index (bad room)");
+    await badIndex.goto(base + "/?room=Bad%21");
+    await until("the control page's refusal", async () => (await badIndex.textContent("#status")) === "refused", 8000);
+    const banner = await badIndex.textContent("#lost");
+    const joinHint = await badIndex.textContent("#joinHint");
+    check(
+      /refused room "Bad!"/.test(banner) && /characters other than a-z/.test(banner) && /room name "Bad!"/.test(joinHint),
+      `rooms: the control page in a bad room says so ("${banner}"; join panel: "${joinHint}")`,
+    );
+    await badIndex.close();
     await dx.close();
     await setter.close();
   }
