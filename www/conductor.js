@@ -542,7 +542,7 @@ export class Connection extends EventTarget {
       // Refused before it opened: ask why, then decide whether to try again.
       this._whyRefused(url).then((refusal) => {
         if (generation !== this._generation) return; // reconnect() opened another meanwhile
-        if (refusal) {
+        if (refusal && !this._closed) {
           this._emit("refused", refusal);
           if (refusal.final) this._closed = true;
         }

@@ -172,3 +172,27 @@ test("a room name the server refuses ends with the server's error, not retries",
   assert.equal(opened, false);
   assert.equal(c.connected, false);
 });
+
+test("a server with no room to spare is reported, and retried", async () => {
+  const full = process.env.CONDUCTOR_FULL_URL;
+  assert.ok(full, "CONDUCTOR_FULL_URL is not set: tests/node_client.rs starts a server with --max-rooms 1");
+  const c = new Conductor(full, { WebSocket, room: "one-too-many", minBackoffMs: 50, maxBackoffMs: 100 });
+  const errors = [];
+  c.addEventListener("error", (e) => errors.push(e.detail));
+  const closed = once(c, "close");
+  c.connect();
+  const first = await closed;
+  assert.equal(errors.length, 1, JSON.stringify(errors));
+  assert.equal(errors[0].code, "unavailable");
+  assert.equal(errors[0].status, 503);
+  assert.match(errors[0].message, /already holds 1 rooms \(--max-rooms\)/);
+  assert.ok(first.retryInMs !== null, "a full server is tried again");
+  // It keeps trying (and saying why) until closed; then it stops.
+  await sleep(800);
+  assert.ok(errors.length >= 2, `${errors.length} refusal(s) reported`);
+  c.close();
+  const reported = errors.length;
+  await sleep(500);
+  assert.equal(errors.length, reported, "no more tries after close()");
+  assert.equal(c.connected, false);
+});
