@@ -19,6 +19,8 @@ use qrcode::{EcLevel, QrCode};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::room::RoomName;
+
 /// The longest text `/qr.svg` encodes, in bytes. A URL of a LAN address is about 40 bytes; 256
 /// leaves room for a host name and a query, and keeps the code (version 12 at most, level M)
 /// easy for a phone to read off a screen.
@@ -154,11 +156,27 @@ impl JoinUrls {
     }
 }
 
-/// The body of `GET /join`: every LAN URL of the pages.
+impl JoinUrls {
+    /// The same pages in `room`: `?room=NAME` on both (nothing for `main`, whose pages need no
+    /// query, so that `main`'s panel and QR codes stay as short as they were).
+    pub fn in_room(mut self, room: &RoomName) -> JoinUrls {
+        if !room.is_main() {
+            // A room name is [a-z0-9_-]: safe in a query as it is.
+            self.control = format!("{}?room={room}", self.control);
+            self.drums = format!("{}?room={room}", self.drums);
+        }
+        self
+    }
+}
+
+/// The body of `GET /join` (and `/join?room=NAME`): every LAN URL of the pages.
 #[derive(Clone, Debug, Serialize)]
 pub struct JoinInfo {
     pub bind: String,
     pub port: u16,
+    /// The room the URLs join; absent for `main`, as before rooms existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
     pub urls: Vec<JoinUrls>,
 }
 
@@ -167,8 +185,18 @@ impl JoinInfo {
         JoinInfo {
             bind: bind.to_string(),
             port,
+            room: None,
             urls: lan.iter().map(|ip| JoinUrls::new(*ip, port)).collect(),
         }
+    }
+
+    /// The same addresses, with URLs that join `room`.
+    pub fn in_room(mut self, room: &RoomName) -> JoinInfo {
+        if !room.is_main() {
+            self.room = Some(room.to_string());
+        }
+        self.urls = self.urls.into_iter().map(|u| u.in_room(room)).collect();
+        self
     }
 
     pub fn json(&self) -> String {
@@ -308,6 +336,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&info.json()).unwrap();
         assert_eq!(v["urls"][0]["drums"], "http://10.0.0.7:3000/drums.html");
         assert_eq!(v["port"], 3000);
+        assert!(
+            v.get("room").is_none(),
+            "main's /join is as before rooms: {v}"
+        );
+    }
+
+    #[test]
+    fn urls_in_a_room_carry_it_and_main_stays_bare() {
+        let lan = ips(&["10.0.0.7"]);
+        let band = RoomName::parse("band-2").unwrap();
+        let info = JoinInfo::new("0.0.0.0".parse().unwrap(), 3000, &lan).in_room(&band);
+        let v: serde_json::Value = serde_json::from_str(&info.json()).unwrap();
+        assert_eq!(v["room"], "band-2");
+        assert_eq!(
+            v["urls"][0]["drums"],
+            "http://10.0.0.7:3000/drums.html?room=band-2"
+        );
+        assert_eq!(v["urls"][0]["control"], "http://10.0.0.7:3000/?room=band-2");
+        let main = JoinInfo::new("0.0.0.0".parse().unwrap(), 3000, &lan).in_room(&RoomName::main());
+        let v: serde_json::Value = serde_json::from_str(&main.json()).unwrap();
+        assert!(v.get("room").is_none());
+        assert_eq!(v["urls"][0]["drums"], "http://10.0.0.7:3000/drums.html");
     }
 
     #[test]

@@ -203,7 +203,12 @@ struct Watch {
 impl Watch {
     /// Connects and takes the hello and the first timeline.
     fn new(server: &Server) -> (Watch, Value) {
-        let mut client = server.ws();
+        Watch::at(server, "/ws")
+    }
+
+    /// As [`Watch::new`], at `path` (a room: `/ws?room=NAME`).
+    fn at(server: &Server, path: &str) -> (Watch, Value) {
+        let mut client = Client::connect(server.port, path);
         let hello = client.next_event("hello");
         let timeline = client.next_event("timeline");
         let watch = Watch {
@@ -1123,4 +1128,182 @@ fn the_shared_timeline_wins_over_a_state_file_and_an_empty_redis_gets_the_saved_
     }
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// Rooms in a cluster: one key per room, each room on its own shared timeline
+
+/// The keys matching `pattern`, sorted (a `KEYS` reply's names).
+fn keys(redis: &Redis, pattern: &str) -> Vec<String> {
+    let reply = redis.try_command(&["KEYS", pattern]).expect("KEYS answers");
+    let mut names: Vec<String> = reply
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with('*') && !l.starts_with('$'))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Polls `/stats` until `done` holds for its `rooms`, or panics after `within`.
+fn until_rooms(server: &Server, within: Duration, what: &str, done: impl Fn(&Value) -> bool) {
+    let until = Instant::now() + within;
+    loop {
+        let rooms = server.stats()["rooms"].clone();
+        if done(&rooms) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what} within {within:?}: rooms {rooms}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_room_is_one_timeline_across_instances_with_its_own_key_and_idles_out_everywhere() {
+    let _serial = serial();
+    let Some(redis) = Redis::start() else { return };
+    let idle = ["--room-idle", "2"];
+    let a = instance_with(&redis, "rooms", BPM, &idle);
+    let b = instance_with(&redis, "rooms", BPM, &idle);
+    wait_connected(&[&a, &b], true, Duration::from_secs(10));
+    let (mut main_a, _) = Watch::new(&a);
+    let (mut main_b, _) = Watch::new(&b);
+    let (mut xa, hello_xa) = Watch::at(&a, "/ws?room=x");
+    let (mut xb, hello_xb) = Watch::at(&b, "/ws?room=x");
+    for hello in [&hello_xa, &hello_xb] {
+        assert_eq!(hello["data"]["room"], "x", "{hello}");
+        assert_eq!(
+            hello["data"]["bpm"], 200,
+            "a new room starts at --bpm: {hello}"
+        );
+    }
+    // A room only A's clients are in: a key of its own too.
+    let (_ya, _) = Watch::at(&a, "/ws?room=y");
+
+    // Joined on A and on B, x is one timeline: the same counts at the same instants.
+    xa.more_ticks(5);
+    xb.until_count(xa.last_count() + 3);
+    xa.until_count(xb.last_count());
+    assert!(same_instants(&xa, &xb, "room x before the change").len() >= 3);
+
+    // A setBpm in x on B reaches x's clients on A: the same tempo, anchor count and instant.
+    xb.client
+        .send_json(&json!({"event": "setBpm", "data": 150}));
+    for w in [&mut xa, &mut xb] {
+        w.until_event("bpmChange");
+        w.until_event("timeline");
+    }
+    assert_eq!(
+        xa.bpm_changes,
+        vec![150.0],
+        "A's clients in x heard B's change"
+    );
+    assert_eq!(xb.bpm_changes, vec![150.0]);
+    let (ta, tb) = (xa.timeline().clone(), xb.timeline().clone());
+    assert_eq!(ta["bpm"], 150);
+    assert_eq!(tb["bpm"], 150);
+    assert_eq!(ta["count"], tb["count"], "same anchor count: {ta} vs {tb}");
+    assert_eq!(
+        ta["time_us"], tb["time_us"],
+        "same anchor instant: {ta} vs {tb}"
+    );
+    let anchor = ta["count"].as_u64().expect("anchor count");
+    xa.until_count(anchor + 6);
+    xb.until_count(anchor + 6);
+    let common = same_instants(&xa, &xb, "room x across the change");
+    assert!(common.iter().filter(|&&c| c >= anchor).count() >= 6);
+    for w in [&xa, &xb] {
+        assert_eq!(w.ticks[&anchor].time_us, predicted_us(&ta, anchor));
+        assert_eq!(w.ticks[&(anchor + 1)].bpm, 150.0);
+    }
+
+    // main, on both instances, never heard of it.
+    main_a.more_ticks(4);
+    main_b.more_ticks(4);
+    for (w, s) in [(&main_a, &a), (&main_b, &b)] {
+        assert!(w.bpm_changes.is_empty(), "main heard {:?}", w.bpm_changes);
+        assert!(w.ticks.values().all(|t| t.bpm == 200.0));
+        let st = s.stats();
+        assert_eq!(st["bpm"], 200, "main's tempo: {st}");
+        assert_eq!(st["rooms"]["main"]["bpm"], 200);
+        assert_eq!(st["rooms"]["x"]["bpm"], 150, "{st}");
+    }
+    assert!(same_instants(&main_a, &main_b, "main").len() >= 2);
+
+    // One key per room: main's as before rooms, x's and y's under room:NAME; only rooms expire.
+    assert_eq!(
+        keys(&redis, "conductor:rooms:*timeline"),
+        vec![
+            "conductor:rooms:room:x:timeline",
+            "conductor:rooms:room:y:timeline",
+            "conductor:rooms:timeline",
+        ]
+    );
+    let x: Value = serde_json::from_str(
+        &redis
+            .try_command(&["GET", "conductor:rooms:room:x:timeline"])
+            .expect("x's key"),
+    )
+    .expect("x's key holds a timeline");
+    assert_eq!(x["bpm_milli"], 150_000, "{x}");
+    assert_eq!(x["anchor_count"], anchor);
+    assert_eq!(
+        x["anchor_unix_ns"].as_u64().unwrap() / 1_000,
+        ta["time_us"].as_u64().unwrap()
+    );
+    let main_key = stored_timeline(&redis, "rooms").expect("main's key");
+    assert_eq!(
+        main_key["bpm_milli"], 200_000,
+        "main's key untouched: {main_key}"
+    );
+    assert_eq!(
+        redis
+            .try_command(&["PTTL", "conductor:rooms:timeline"])
+            .as_deref(),
+        Some(":-1"),
+        "main's key never expires"
+    );
+    let ttl: i64 = redis
+        .try_command(&["PTTL", "conductor:rooms:room:x:timeline"])
+        .and_then(|r| r.trim_start_matches(':').parse().ok())
+        .expect("PTTL of x");
+    assert!(
+        ttl > 0 && ttl <= 2_000,
+        "x's key lives --room-idle (2 s): PTTL {ttl}"
+    );
+
+    // x idle on both instances (y stays, A's client still in it): dropped on both, and its key
+    // expires; main and y stay.
+    drop(xa);
+    drop(xb);
+    for s in [&a, &b] {
+        until_rooms(s, Duration::from_secs(10), "x dropped", |r| {
+            r.get("x").is_none() && r.get("main").is_some()
+        });
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while redis
+        .try_command(&["EXISTS", "conductor:rooms:room:x:timeline"])
+        .as_deref()
+        != Some(":0")
+    {
+        assert!(Instant::now() < until, "x's key outlived the room");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        keys(&redis, "conductor:rooms:*timeline"),
+        vec![
+            "conductor:rooms:room:y:timeline",
+            "conductor:rooms:timeline"
+        ]
+    );
+    assert!(
+        a.stats()["rooms"].get("y").is_some(),
+        "y, still played on A, stays"
+    );
+    // Who joins x now starts afresh at --bpm.
+    let (_again, hello) = Watch::at(&b, "/ws?room=x");
+    assert_eq!(hello["data"]["bpm"], 200, "{hello}");
 }

@@ -112,6 +112,8 @@ fn conductor_js_under_node() {
     std::fs::write(&file, vectors.to_string()).expect("write the vectors");
 
     let server = Server::start(&[]);
+    // Full of rooms (main is one): joining another is refused with 503, which is retried.
+    let full = Server::start(&["--max-rooms", "1"]);
     let out = Command::new("node")
         .arg("--test")
         .arg(node_dir().join("clock.test.mjs"))
@@ -122,6 +124,10 @@ fn conductor_js_under_node() {
             format!("ws://127.0.0.1:{}/ws", server.port),
         )
         .env("CONDUCTOR_SYNC_VECTORS", &file)
+        .env(
+            "CONDUCTOR_FULL_URL",
+            format!("ws://127.0.0.1:{}/ws", full.port),
+        )
         .output()
         .expect("run node --test");
     let stdout = String::from_utf8_lossy(&out.stdout);

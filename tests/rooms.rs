@@ -228,6 +228,90 @@ fn a_room_token_lets_its_holder_conduct_that_room_only() {
     assert_eq!(hello["data"]["token_required"], false);
 }
 
+/// The `hello` of a Socket.IO client over WebSocket in namespace `nsp` (`/` is `main`),
+/// connecting with `auth` (the stock client's `auth` option, e.g. `{"token": …}`).
+fn socketio_hello(server: &Server, nsp: &str, auth: Option<Value>) -> Value {
+    let mut c = Client::connect(server.port, "/socket.io/?EIO=4&transport=websocket");
+    let open = c.ws.read().expect("the Engine.IO open packet");
+    assert!(open.to_text().unwrap_or("").starts_with('0'), "{open:?}");
+    let prefix = if nsp == "/" {
+        String::new()
+    } else {
+        format!("{nsp},")
+    };
+    let auth = auth.map(|a| a.to_string()).unwrap_or_default();
+    c.send_text(&format!("40{prefix}{auth}"));
+    let event_prefix = format!("42{prefix}");
+    for _ in 0..100 {
+        let m = c.ws.read().expect("a Socket.IO packet");
+        let text = m.to_text().unwrap_or("");
+        if let Some(rest) = text.strip_prefix(&event_prefix)
+            && rest.starts_with("[\"hello\",")
+        {
+            let event: Value = serde_json::from_str(rest).expect("hello JSON");
+            return event[1].clone();
+        }
+    }
+    panic!("no hello in {nsp}");
+}
+
+/// `hello.control` answers for the client's own room: the room's token there, the server's
+/// everywhere (docs/rooms.md#who-may-conduct), alike over /ws and Socket.IO namespaces.
+#[test]
+fn hello_control_answers_per_room_over_both_protocols() {
+    let server = Server::start(&["--room-token", "class=teach"]);
+    let ws = |path: &str| {
+        let mut c = Client::connect(server.port, path);
+        c.next_event("hello")["data"].clone()
+    };
+    let cases = [
+        ("ws main", ws("/ws"), true, false),
+        (
+            "ws main with class's token",
+            ws("/ws?token=teach"),
+            true,
+            false,
+        ),
+        ("ws class", ws("/ws?room=class"), false, true),
+        (
+            "ws class with its token",
+            ws("/ws?room=class&token=teach"),
+            true,
+            true,
+        ),
+        (
+            "ws class, wrong token",
+            ws("/ws?room=class&token=nope"),
+            false,
+            true,
+        ),
+        ("ws jam", ws("/ws?room=jam"), true, false),
+        ("sio /", socketio_hello(&server, "/", None), true, false),
+        (
+            "sio /class",
+            socketio_hello(&server, "/class", None),
+            false,
+            true,
+        ),
+        (
+            "sio /class with its token",
+            socketio_hello(&server, "/class", Some(json!({"token": "teach"}))),
+            true,
+            true,
+        ),
+        (
+            "sio /jam with class's token",
+            socketio_hello(&server, "/jam", Some(json!({"token": "teach"}))),
+            true,
+            false,
+        ),
+    ];
+    for (what, hello, control, required) in cases {
+        assert_eq!(hello["control"], control, "{what}: {hello}");
+        assert_eq!(hello["token_required"], required, "{what}: {hello}");
+    }
+}
+
 #[test]
 fn metrics_label_the_busiest_rooms_and_keep_the_totals() {
     let server = Server::start(&["--metrics-rooms", "2"]);
@@ -598,4 +682,42 @@ fn change_lead_ms_fixes_the_lead() {
     for (what, ms) in [("tempo", tempo), ("stop", stop), ("start", start)] {
         assert!((400.0..900.0).contains(&ms), "{what} {ms} ms ahead");
     }
+}
+
+/// What conductor.js asks after a WebSocket failed to open: a plain GET of the same URL gets
+/// the room's refusal (checked before the handshake), and a good room the usual upgrade answer.
+/// `/join?room=NAME` gives the pages' URLs in that room.
+#[test]
+fn a_plain_get_learns_why_a_room_is_refused_and_join_takes_a_room() {
+    let server = Server::start(&["--max-rooms", "2"]);
+    let (status, body) = server.get("/ws?room=Bad!");
+    assert_eq!(status, 400);
+    assert!(
+        body.contains(r#"room name "Bad!" has characters other than a-z"#),
+        "{body}"
+    );
+    let (status, body) = server.get("/ws?room=fine");
+    assert_eq!(status, 400);
+    assert!(body.contains("this endpoint speaks WebSocket"), "{body}");
+    let mut full = Client::connect(server.port, "/ws?room=one");
+    full.next_event("hello");
+    let (status, body) = server.get("/ws?room=two");
+    assert_eq!(status, 503);
+    assert!(body.contains("--max-rooms"), "{body}");
+
+    let (status, body) = server.get("/join?room=band-2");
+    assert_eq!(status, 200, "{body}");
+    let join: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(join["room"], "band-2");
+    // On loopback there are no LAN URLs (join.rs's unit tests and the browser test, on
+    // 0.0.0.0, check the URLs themselves).
+    assert!(join["urls"].is_array(), "{join}");
+    let (status, body) = server.get("/join");
+    let main: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(status, 200);
+    assert!(main.get("room").is_none(), "main's /join as before: {main}");
+    assert_eq!(server.get("/join?room=main").1, body);
+    let (status, body) = server.get("/join?room=No");
+    assert_eq!(status, 400);
+    assert!(body.contains("room name \"No\""), "{body}");
 }

@@ -316,3 +316,126 @@ fn a_second_server_on_the_same_file_leaves_it_to_the_first() {
     let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(v["bpm"], 112.0);
 }
+
+/// The hello and the timeline a new client of room `room` gets first.
+fn connect_room(s: &Spawned, room: &str) -> (common::Client, Value, Value) {
+    let mut c = common::Client::connect(s.port, &format!("/ws?room={room}"));
+    let hello = c.next_event("hello");
+    let timeline = c.next_event("timeline");
+    (c, hello, timeline)
+}
+
+/// Sends `event` and returns the timeline that follows its announcement.
+fn change(c: &mut common::Client, event: Value, announced: &str) -> Value {
+    c.send_json(&event);
+    c.next_event(announced);
+    c.next_event("timeline")
+}
+
+#[test]
+fn rooms_survive_a_restart_at_their_tempo_transport_and_phase_and_an_idled_room_does_not() {
+    let dir = TempDir::new("rooms-restart");
+    let path = dir.path("state.json");
+
+    // A first life with a short --room-idle: a at 90 BPM and stopped, b at 140 BPM playing,
+    // c at 77 BPM until its last client leaves and it idles out.
+    let s1 = start(&path, &["--room-idle", "2"], &[], &dir);
+    let (mut ca, hello, _) = connect_room(&s1, "a");
+    assert_eq!(hello["data"]["room"], "a");
+    change(&mut ca, json!({"event": "setBpm", "data": 90}), "bpmChange");
+    let before_a = change(&mut ca, json!({"event": "stop"}), "transport");
+    assert_eq!(before_a["data"]["bpm"], 90);
+    assert_eq!(before_a["data"]["transport"]["state"], "stopped");
+    let (mut cb, _, _) = connect_room(&s1, "b");
+    let before_b = change(
+        &mut cb,
+        json!({"event": "setBpm", "data": 140}),
+        "bpmChange",
+    );
+    assert_eq!(before_b["data"]["bpm"], 140);
+    assert_eq!(before_b["data"]["transport"]["state"], "playing");
+    let (mut cc, _, _) = connect_room(&s1, "c");
+    change(&mut cc, json!({"event": "setBpm", "data": 77}), "bpmChange");
+    file_when(&path, "a, b and c in the file", |v| {
+        v["rooms"]["a"]["bpm"] == 90.0
+            && v["rooms"]["a"]["transport"]["state"] == "stopped"
+            && v["rooms"]["b"]["bpm"] == 140.0
+            && v["rooms"]["c"]["bpm"] == 77.0
+    });
+    drop(cc);
+    let idled = eventually("c to idle out of the file", Duration::from_secs(10), || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        v["rooms"].get("c").is_none().then_some(v)
+    });
+    assert_eq!(idled["bpm"], 120.0, "main untouched: {idled}");
+    assert!(
+        idled["rooms"].get("a").is_some() && idled["rooms"].get("b").is_some(),
+        "{idled}"
+    );
+    // b's members are still there at the end; a's too.
+    cb.next_event("tick");
+    drop((ca, cb));
+    assert_eq!(s1.terminate(), Some(0));
+    std::thread::sleep(Duration::from_millis(400));
+
+    // Restarted (default --room-idle): a and b are back before anyone joins them; c is not.
+    let s2 = start(&path, &[], &[], &dir);
+    let stats: Value = serde_json::from_slice(&s2.get("/stats", &[]).2).unwrap();
+    let rooms = &stats["rooms"];
+    assert_eq!(rooms["a"]["bpm"], 90, "{stats}");
+    assert_eq!(rooms["a"]["transport"]["state"], "stopped");
+    assert_eq!(rooms["b"]["bpm"], 140);
+    assert_eq!(rooms["b"]["transport"]["state"], "playing");
+    assert!(
+        rooms.get("c").is_none(),
+        "c idled out before the restart: {stats}"
+    );
+    assert_eq!(stats["bpm"], 120);
+
+    // a: 90 BPM, stopped, where the old timeline puts the count.
+    let (_ca, hello, after) = connect_room(&s2, "a");
+    assert_eq!(hello["data"]["bpm"], 90, "{hello}");
+    assert_eq!(hello["data"]["playing"], false, "{hello}");
+    assert_eq!(
+        after["data"]["transport"], before_a["data"]["transport"],
+        "{after}"
+    );
+    let anchor = after["data"]["count"].as_u64().unwrap();
+    assert!(
+        anchor > before_a["data"]["count"].as_u64().unwrap(),
+        "{after}"
+    );
+    let error = predict_us(&before_a, anchor) - after["data"]["time_us"].as_f64().unwrap();
+    assert!(
+        error.abs() <= 2.0,
+        "a: tick {anchor} is {error} µs off the old timeline"
+    );
+
+    // b: 140 BPM, playing since the same start, ticking on the first life's grid.
+    let (mut cb, hello, after) = connect_room(&s2, "b");
+    assert_eq!(hello["data"]["bpm"], 140, "{hello}");
+    assert_eq!(hello["data"]["playing"], true, "{hello}");
+    assert_eq!(
+        after["data"]["transport"], before_b["data"]["transport"],
+        "{after}"
+    );
+    for _ in 0..4 {
+        let tick = cb.next_event("tick");
+        assert_eq!(tick["data"]["bpm"], 140);
+        let n = tick["data"]["count"].as_u64().unwrap();
+        let error = predict_us(&before_b, n) - tick["data"]["time_us"].as_f64().unwrap();
+        assert!(
+            error.abs() <= 2.0,
+            "b: tick {n} is {error} µs off the first life's timeline"
+        );
+    }
+
+    // c starts afresh at --bpm, and the file never brought it back.
+    let (_cc, hello, _) = connect_room(&s2, "c");
+    assert_eq!(
+        hello["data"]["bpm"], 120,
+        "c came back from the file: {hello}"
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(v["rooms"]["c"].get("bpm").is_none_or(|b| b == 120.0), "{v}");
+}

@@ -36,7 +36,12 @@
 //
 // Constructor: new Conductor(url?, options?)
 //   url      WebSocket URL; default ws(s)://<this page's host>/ws (in a page; Node needs one)
-//   options  token           control token, sent as ?token= (needed only if the server asks)
+//   options  room            the room to join (docs/rooms.md), sent as ?room=; default: none,
+//                            which is the room `main`. A name the server refuses (not 1 to 64
+//                            of a-z, 0-9, _ and -) ends the connection: an `error` event
+//                            {code: "invalid_room", status: 400, message: the server's words},
+//                            then `close` with retryInMs null. No retrying.
+//            token           control token, sent as ?token= (needed only if the server asks)
 //            lookahead       seconds the audio scheduler looks ahead (default 0.1)
 //            nudgeMs         this device's manual correction, ms: positive plays later (default
 //                            0). Round trips cannot see a path's asymmetry
@@ -82,18 +87,26 @@
 //   offset can be, on the samples' evidence; asymmetry included), spread (the same as
 //   errorBound, for pages written for earlier versions), synced, settled,
 //   nudge (ms), mapping (the current ClockMapping), clock (the ClockSync), control (may this
-//   connection change the tempo), tokenRequired, minBpm, maxBpm, timeline, transport,
+//   connection change the tempo of its room), tokenRequired, room (the room joined: the
+//   server's `hello.room`, "main" when it names none), minBpm, maxBpm, timeline, transport,
 //   lastTick, version
 //
 // Events (CustomEvent; the payload is in event.detail)
 //   open, close {code, reason, retryInMs}, hello (hello data), tick (tick data plus `lateMs`:
 //   how long after its instant it arrived), tempo {bpm, previous}, transport {state, count,
 //   time_us}, timeline (timeline data), sync {offset, rtt, spread, samples, rate, errorBound,
-//   nudge, settled}, nudge {nudge}, error {code, message} (the server refused something)
+//   nudge, settled}, nudge {nudge}, error {code, message} (the server refused something; a
+//   refused connection adds `status`, the HTTP status: invalid_room (400) is final,
+//   unavailable (503: the server is full, or holds --max-rooms rooms) is retried with backoff)
+//
+// Why a connection failed: a WebSocket cannot read the HTTP answer that refused it, so when a
+// socket closes before it ever opened, Connection asks the same URL again with a plain GET
+// (the server checks the room before the handshake) and reports the status and text.
 
 const localNow = () => performance.timeOrigin + performance.now();
 
 const DEFAULTS = {
+  room: null,
   token: null,
   lookahead: 0.1,
   nudgeMs: 0,
@@ -394,7 +407,22 @@ export class Timeline {
 // ---------------------------------------------------------------------------------------------
 // The connection: one WebSocket at a time, reconnected with backoff; timers that live as long
 // as the current socket. Events: open, message {data (parsed JSON), arrived (local ms)}, close
-// {code, reason, retryInMs}.
+// {code, reason, retryInMs}, refused {code, status, message} (the server answered the handshake
+// with an error; see "Why a connection failed" above).
+
+// The server's rule for room names (docs/rooms.md#names). Used only to tell a refused name
+// (final) from the server's other 400, which a plain GET gets for not being an upgrade.
+export const ROOM_NAME = /^[a-z0-9_-]{1,64}$/;
+
+// The URL to open: `url` plus ?room= and ?token= from the options.
+export function connectUrl(url, { room, token } = {}) {
+  let out = url;
+  for (const [k, v] of [["room", room], ["token", token]]) {
+    if (v === null || v === undefined || v === "") continue;
+    out += (out.includes("?") ? "&" : "?") + k + "=" + encodeURIComponent(v);
+  }
+  return out;
+}
 
 export class Connection extends EventTarget {
   constructor(url, options = {}) {
@@ -413,6 +441,7 @@ export class Connection extends EventTarget {
     this._timers = new Set();
     this._attempt = 0;
     this._closed = true;
+    this._generation = 0; // counts sockets, so that a late answer about an old one is dropped
   }
 
   get connected() {
@@ -472,7 +501,9 @@ export class Connection extends EventTarget {
 
   _open() {
     const o = this.options;
-    const url = o.token ? this.url + (this.url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(o.token) : this.url;
+    const url = connectUrl(this.url, o);
+    const generation = ++this._generation;
+    let opened = false;
     let ws;
     try {
       ws = new this.WebSocket(url);
@@ -481,7 +512,10 @@ export class Connection extends EventTarget {
       return;
     }
     this.ws = ws;
-    ws.onopen = () => this._emit("open", {});
+    ws.onopen = () => {
+      opened = true;
+      this._emit("open", {});
+    };
     ws.onerror = () => {}; // a close follows, which retries
     ws.onmessage = (e) => {
       // The event's own timestamp is when the browser queued it: closer to the arrival than
@@ -501,8 +535,46 @@ export class Connection extends EventTarget {
       if (this.ws !== ws) return;
       this.ws = null;
       this._clearTimers();
-      this._retry(e.code, e.reason);
+      if (opened || this._closed) {
+        this._retry(e.code, e.reason);
+        return;
+      }
+      // Refused before it opened: ask why, then decide whether to try again.
+      this._whyRefused(url).then((refusal) => {
+        if (generation !== this._generation) return; // reconnect() opened another meanwhile
+        if (refusal && !this._closed) {
+          this._emit("refused", refusal);
+          if (refusal.final) this._closed = true;
+        }
+        this._retry(e.code, e.reason);
+      });
     };
+  }
+
+  // The server's answer to a plain GET of the URL a WebSocket failed to open: {code, status,
+  // message, final}, or null when it has nothing to say (unreachable, or the 400 every plain
+  // GET gets for not being an upgrade).
+  async _whyRefused(url) {
+    if (typeof fetch !== "function") return null;
+    const httpUrl = url.replace(/^ws/, "http");
+    let status;
+    let text;
+    try {
+      const signal = typeof AbortSignal !== "undefined" && AbortSignal.timeout ? AbortSignal.timeout(3000) : undefined;
+      const res = await fetch(httpUrl, { cache: "no-store", signal });
+      status = res.status;
+      text = (await res.text()).trim();
+    } catch {
+      return null;
+    }
+    // "400 Bad Request: room name …": the message is what follows the status line's words.
+    const message = text.replace(/^\d{3} [^:]*: /, "");
+    const room = this.options.room;
+    if (status === 400 && room && !ROOM_NAME.test(String(room))) {
+      return { code: "invalid_room", status, message, final: true };
+    }
+    if (status === 503) return { code: "unavailable", status, message, final: false };
+    return null;
   }
 
   _retry(code, reason) {
@@ -679,12 +751,17 @@ export class Conductor extends EventTarget {
       this.clock.resetPath();
       this._emit("close", e.detail);
     });
+    this.connection.addEventListener("refused", (e) => {
+      const { code, status, message } = e.detail;
+      this._emit("error", { code, status, message });
+    });
   }
 
   // ---- connection ----
 
   connect() {
     this.connection.options.token = this.options.token;
+    this.connection.options.room = this.options.room;
     this.connection.connect();
     return this;
   }
@@ -692,6 +769,7 @@ export class Conductor extends EventTarget {
   // Drops the current connection and opens a new one at once (e.g. after changing the token).
   reconnect() {
     this.connection.options.token = this.options.token;
+    this.connection.options.room = this.options.room;
     this.connection.reconnect();
   }
 
@@ -935,6 +1013,9 @@ export class Conductor extends EventTarget {
 
   get tokenRequired() {
     return !!this.hello && !!this.hello.token_required;
+  }
+  get room() {
+    return this.hello ? this.hello.room || "main" : this.options.room || "main";
   }
 
   get minBpm() {

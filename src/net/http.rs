@@ -9,6 +9,7 @@ use crate::hub::JoinError;
 use crate::join::{self, JoinInfo};
 use crate::metrics;
 use crate::page_worker::{self, Job};
+use crate::room::RoomName;
 use crate::stats::RefuseReason;
 use crate::wire::http::{self, Request, Route as HttpRoute};
 use crate::www;
@@ -44,16 +45,19 @@ impl Server {
                     ),
                 )
             }
-            HttpRoute::WebSocket => match self.check_ws_upgrade(&req) {
-                Ok(accept) => match self.hub.check_join(
-                    http::query_param(&req.query, "room")
-                        .as_deref()
-                        .filter(|r| !r.is_empty()),
-                ) {
-                    Ok(room) => return self.upgrade(key, &req, &accept, room),
-                    Err(e) => refusal(&e),
+            // The room is checked before the handshake, so that a plain GET of the same URL
+            // (what conductor.js asks when a WebSocket fails to open, since a browser's
+            // WebSocket cannot read a refusal) gets the room's refusal too.
+            HttpRoute::WebSocket => match self.hub.check_join(
+                http::query_param(&req.query, "room")
+                    .as_deref()
+                    .filter(|r| !r.is_empty()),
+            ) {
+                Ok(room) => match self.check_ws_upgrade(&req) {
+                    Ok(accept) => return self.upgrade(key, &req, &accept, room),
+                    Err(refusal) => refusal,
                 },
-                Err(refusal) => refusal,
+                Err(e) => refusal(&e),
             },
             HttpRoute::SocketIo => return self.on_socketio_request(key, req, now),
             HttpRoute::Asset(asset) => {
@@ -64,10 +68,17 @@ impl Server {
                     http::response_with(200, asset.content_type, &extra, asset.body),
                 )
             }
-            HttpRoute::Join => (
-                200,
-                http::response(200, "application/json", self.join_json().as_bytes()),
-            ),
+            HttpRoute::Join => match http::query_param(&req.query, "room")
+                .as_deref()
+                .filter(|r| !r.is_empty())
+                .map_or(Ok(RoomName::main()), RoomName::parse)
+            {
+                Ok(room) => (
+                    200,
+                    http::response(200, "application/json", self.join_json(&room).as_bytes()),
+                ),
+                Err(e) => (400, http::text_error(400, &e.to_string())),
+            },
             HttpRoute::Qr => match join::qr_text(&req.query) {
                 Ok(text) => return self.ask_pages(key, &req, Job::Qr { text }, now),
                 Err(e) => (400, http::text_error(400, &e.to_string())),
@@ -192,23 +203,25 @@ impl Server {
         self.remove_finished();
     }
 
-    /// `/join`: where devices on the LAN reach this server.
-    pub(super) fn join_json(&mut self) -> String {
+    /// `/join` (`/join?room=NAME`): where devices on the LAN reach this server, and the pages'
+    /// URLs in that room.
+    pub(super) fn join_json(&mut self, room: &RoomName) -> String {
         let now = Instant::now();
-        if let Some((made, json)) = &self.join_cache
-            && now.duration_since(*made) < JOIN_CACHE
-        {
-            return json.clone();
-        }
-        let interfaces = join::interface_addresses().unwrap_or_else(|e| {
-            debug!("cannot list interfaces: {e}");
-            Vec::new()
-        });
-        let ip = self.local_addr.ip();
-        let lan = join::lan_addresses(ip, &interfaces);
-        let json = JoinInfo::new(ip, self.local_addr.port(), &lan).json();
-        self.join_cache = Some((now, json.clone()));
-        json
+        let lan = match &self.join_cache {
+            Some((made, lan)) if now.duration_since(*made) < JOIN_CACHE => lan.clone(),
+            _ => {
+                let interfaces = join::interface_addresses().unwrap_or_else(|e| {
+                    debug!("cannot list interfaces: {e}");
+                    Vec::new()
+                });
+                let lan = join::lan_addresses(self.local_addr.ip(), &interfaces);
+                self.join_cache = Some((now, lan.clone()));
+                lan
+            }
+        };
+        JoinInfo::new(self.local_addr.ip(), self.local_addr.port(), &lan)
+            .in_room(room)
+            .json()
     }
 
     /// The WebSocket handshake checks shared by `/ws` and `/socket.io/`: a valid upgrade, and

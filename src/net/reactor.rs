@@ -168,8 +168,8 @@ pub struct Server {
     pub(super) state: Option<StateWriter>,
     /// Makes `--www` files and QR codes off the loop.
     pub(super) pages: PageWorker,
-    /// `/join`'s body, and when it was made.
-    pub(super) join_cache: Option<(Instant, String)>,
+    /// The LAN addresses `/join` lists, and when they were listed.
+    pub(super) join_cache: Option<(Instant, Vec<std::net::IpAddr>)>,
     /// Long-polling sessions per client address, against `--max-sessions-per-ip`.
     pub(super) session_addresses: AddressCounts,
     /// Socket.IO callbacks waiting for the cluster's answer: the hub's ask id, the session and

@@ -11,6 +11,9 @@
 //                URL and its QR code, and a page on that origin importing BASE's /conductor.js
 //   DOOMED_BASE, DOOMED_PID   a server this script kills: the control page must show it
 // The first server must run with --www docs/examples (the metronome example).
+// Rooms: on the first server, /drums.html?room=x follows room x's tempo (set by a WebSocket
+// client while main stays at its own), /?room=x conducts x, and a bad name shows the server's
+// refusal without retrying; on OTHER_BASE, /?room=x's join panel and QR code carry room=x.
 //
 // Run by tests/browser.rs, which starts the server. Exit status 0 when every check passed; each
 // check prints one line. Screenshots go to $SCREENSHOTS_DIR, by default tests/browser/screenshots/
@@ -105,6 +108,22 @@ function watch(page, name) {
   return page;
 }
 const debug = (page, fn, arg) => page.evaluate(fn, arg);
+// The join panel's QR code, read back from the pixels the page shows (jsQR, in the page).
+async function decodeQr(page) {
+  await page.addScriptTag({ path: jsqr });
+  return debug(page, async () => {
+    const img = document.getElementById("joinQr");
+    await img.decode();
+    const size = 8 * img.naturalWidth;
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = size;
+    const g = canvas.getContext("2d");
+    g.imageSmoothingEnabled = false;
+    g.drawImage(img, 0, 0, size, size);
+    const found = window.jsQR(g.getImageData(0, 0, size, size).data, size, size);
+    return found && found.data;
+  });
+}
 
 try {
   // ---------------- the control page ----------------
@@ -403,31 +422,123 @@ try {
     const url = await idx.textContent("#joinUrl");
     const expected = lan.urls.map((u) => u.drums);
     check(expected.includes(url), `join: the panel shows ${url} (the server's LAN URLs: ${expected.join(", ")})`);
-    await idx.addScriptTag({ path: jsqr });
-    const decoded = await debug(idx, async () => {
-      const img = document.getElementById("joinQr");
-      await img.decode();
-      const size = 8 * img.naturalWidth;
-      const canvas = document.createElement("canvas");
-      canvas.width = canvas.height = size;
-      const g = canvas.getContext("2d");
-      g.imageSmoothingEnabled = false;
-      g.drawImage(img, 0, 0, size, size);
-      const found = window.jsQR(g.getImageData(0, 0, size, size).data, size, size);
-      return found && found.data;
-    });
+    const decoded = await decodeQr(idx);
     check(decoded === url, `join: the QR code decodes to ${decoded}`);
     await idx.screenshot({ path: join(shots, "index-join.png") });
     await idx.click("#joinControl");
     const control = await idx.textContent("#joinUrl");
     check(lan.urls.some((u) => u.control === control), `join: "control page" switches it to ${control}`);
     await idx.close();
+
+    // The join panel of /?room=x: the room's pages, in the link and in the QR code.
+    const inX = watch(await browser.newPage(), "index (join, room x)");
+    await inX.goto(otherBase + "/?room=x");
+    await until("the join URL in room x", async () => /^http:/.test(await inX.textContent("#joinUrl")));
+    const xUrl = await inX.textContent("#joinUrl");
+    const xExpected = lan.urls.map((u) => u.drums + "?room=x");
+    check(xExpected.includes(xUrl), `rooms: on /?room=x the join panel shows ${xUrl} (expected one of ${xExpected.join(", ")})`);
+    const xDecoded = await decodeQr(inX);
+    check(xDecoded === xUrl && new URL(xDecoded).searchParams.get("room") === "x", `rooms: its QR code decodes to ${xDecoded}`);
+    await inX.click("#joinControl");
+    const xControl = await inX.textContent("#joinUrl");
+    check(lan.urls.some((u) => u.control + "?room=x" === xControl), `rooms: "control page" switches it to ${xControl}`);
+    check(new URL(await decodeQr(inX)).searchParams.get("room") === "x", "rooms: and the control page's QR code keeps room=x");
+    await inX.close();
   } else {
     console.log("skip the join panel and cross-origin checks: OTHER_BASE is not set");
   }
   // A server on loopback only says why phones cannot join.
   const hint = await index.textContent("#joinHint");
   check(/--bind 0\.0\.0\.0/.test(hint), `join: on a loopback-only server the panel says so ("${hint}")`);
+
+  // ---------------- rooms ----------------
+  {
+    // Room x at 93 BPM, set by a plain WebSocket client (opened in a blank page), while main
+    // stays at its own tempo.
+    const mainBpm = (await stats()).bpm;
+    const roomBpm = mainBpm === 93 ? 94 : 93;
+    // Not watched: a page of this origin to run a WebSocket in, whose favicon 404s (no page).
+    const setter = await browser.newPage();
+    await setter.goto(base + "/conductor.js");
+    const set = await debug(setter, (bpm) => new Promise((resolve, reject) => {
+      const ws = new WebSocket(location.origin.replace(/^http/, "ws") + "/ws?room=x");
+      window.roomSocket = ws; // kept open: the room has a member while the drums join
+      let room = null;
+      ws.onmessage = (e) => {
+        const m = JSON.parse(e.data);
+        if (m.event === "hello") {
+          room = m.data.room;
+          ws.send(JSON.stringify({ event: "setBpm", data: bpm }));
+        }
+        if (m.event === "bpmChange") resolve({ room, bpm: m.data });
+        if (m.event === "error") reject(new Error(JSON.stringify(m.data)));
+      };
+      setTimeout(() => reject(new Error("no bpmChange in room x within 5 s")), 5000);
+    }), roomBpm);
+    check(set.room === "x" && set.bpm === roomBpm, `rooms: a WebSocket client in room x set ${set.bpm} BPM (hello.room ${set.room})`);
+
+    const dx = watch(await browser.newPage(), "drums (room x)");
+    await dx.goto(base + "/drums.html?room=x");
+    await dx.bringToFront();
+    await until("drums in room x live", async () => (await dx.textContent("#status")) === "live");
+    const label = (await dx.isVisible("#room")) && (await dx.textContent("#room"));
+    check(label && /\bx\b/.test(label), `rooms: the drum machine says which room it is in ("${label}")`);
+    await until(`drums in room x to show ${roomBpm} BPM`, async () => (await dx.textContent("#bpmValue")) === String(roomBpm), 8000);
+    ok(`rooms: /drums.html?room=x shows room x's ${roomBpm} BPM`);
+    // It plays at x's tempo: consecutive scheduled sixteenths are a sixteenth of x's beat apart.
+    await until("drums in room x to schedule steps", () => debug(dx, () => window.conductorDebug.scheduled.length >= 8), 8000);
+    const gaps = await debug(dx, () => {
+      const last = new Map(window.conductorDebug.scheduled.map((s) => [s.count, s]));
+      const steps = [...last.values()].sort((a, b) => a.count - b.count);
+      const out = [];
+      for (let i = 1; i < steps.length; i++) if (steps[i].step === steps[i - 1].step + 1) out.push(steps[i].time - steps[i - 1].time);
+      return out.slice(-6);
+    });
+    const sixteenth = 60000 / roomBpm / 4;
+    check(gaps.length >= 3 && gaps.every((g) => Math.abs(g - sixteenth) < 0.01), `rooms: its steps are ${sixteenth.toFixed(3)} ms apart (${gaps.map((g) => g.toFixed(3)).join(", ")})`);
+    const back = await dx.getAttribute("#toControl", "href");
+    check(back === "./?room=x", `rooms: its link to the control page keeps the room (${back})`);
+    const st = await stats();
+    check(st.bpm === mainBpm && st.rooms.x.bpm === roomBpm, `rooms: main stays at ${st.bpm} BPM while x is at ${st.rooms.x.bpm}`);
+    const idxBpm = await index.textContent("#bpmValue");
+    check(idxBpm === String(mainBpm), `rooms: the control page in main still shows ${idxBpm} BPM`);
+
+    // The control page in room x: labelled, its link keeps the room, it shows x's tempo.
+    const cx = watch(await browser.newPage(), "index (room x)");
+    await cx.goto(base + "/?room=x");
+    await until("index in room x live", async () => (await cx.textContent("#status")) === "live");
+    await until(`index in room x to show ${roomBpm} BPM`, async () => (await cx.textContent("#bpmValue")) === String(roomBpm));
+    const toDrums = await cx.getAttribute("#toDrums", "href");
+    check((await cx.textContent("#roomName")) === "x" && toDrums === "drums.html?room=x", `rooms: /?room=x conducts room x at ${roomBpm} BPM, labelled, linking ${toDrums}`);
+    await cx.close();
+
+    // A bad name: the server's refusal, shown, and no retrying.
+    const bad = await browser.newPage();
+    watch(bad, "drums (bad room)");
+    orphaned.add("drums (bad room)"); // its failed handshake is logged by Chromium on purpose
+    await bad.goto(base + "/drums.html?room=Bad%21");
+    await until("the bad room's refusal", async () => (await bad.textContent("#status")) === "refused", 8000);
+    const said = await bad.textContent("#error");
+    check(/refused room "Bad!"/.test(said) && /characters other than a-z, 0-9/.test(said), `rooms: a bad name shows the server's refusal ("${said}")`);
+    await sleep(1500);
+    check((await bad.textContent("#status")) === "refused", "rooms: and does not retry");
+    await bad.close();
+    // The control page too: its banner and its join panel say why.
+    const badIndex = await browser.newPage();
+    watch(badIndex, "index (bad room)");
+    orphaned.add("index (bad room)");
+    await badIndex.goto(base + "/?room=Bad%21");
+    await until("the control page's refusal", async () => (await badIndex.textContent("#status")) === "refused", 8000);
+    const banner = await badIndex.textContent("#lost");
+    const joinHint = await badIndex.textContent("#joinHint");
+    check(
+      /refused room "Bad!"/.test(banner) && /characters other than a-z/.test(banner) && /room name "Bad!"/.test(joinHint),
+      `rooms: the control page in a bad room says so ("${banner}"; join panel: "${joinHint}")`,
+    );
+    await badIndex.close();
+    await dx.close();
+    await setter.close();
+  }
 
   // ---------------- screenshots ----------------
   await sleep(1000); // a few more points on the plot

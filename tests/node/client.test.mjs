@@ -132,3 +132,67 @@ test("the Node example prints beats at their instants", async () => {
   late.sort((a, b) => a - b);
   assert.ok(late[0] > -1 && late[late.length >> 1] < 3 && late[late.length - 1] < 25, `late by ${late.join(", ")} ms`);
 });
+
+test("the room option joins that room: its tempo, not main's", async () => {
+  // A room of its own, at a tempo nothing else here uses.
+  const band = new Conductor(url, { WebSocket, room: "node-band" });
+  const hello = once(band, "hello");
+  band.connect();
+  assert.equal((await hello).room, "node-band");
+  assert.equal(band.room, "node-band");
+  const tempo = once(band, "tempo");
+  assert.ok(band.setBpm(97));
+  assert.equal((await tempo).bpm, 97);
+  // A newcomer to the room gets the room's timeline; one in main does not.
+  const second = new Conductor(url, { WebSocket, room: "node-band" });
+  const main = new Conductor(url, { WebSocket });
+  const [t2, tm] = [once(second, "timeline"), once(main, "timeline")];
+  second.connect();
+  main.connect();
+  assert.equal((await t2).bpm, 97);
+  assert.notEqual((await tm).bpm, 97);
+  assert.equal(main.room, "main");
+  for (const c of [band, second, main]) c.close();
+});
+
+test("a room name the server refuses ends with the server's error, not retries", async () => {
+  const c = new Conductor(url, { WebSocket, room: "Not A Room" });
+  let opened = false;
+  c.addEventListener("open", () => (opened = true));
+  const error = once(c, "error");
+  const closed = once(c, "close");
+  c.connect();
+  const e = await error;
+  assert.equal(e.code, "invalid_room");
+  assert.equal(e.status, 400);
+  // The server's own words (src/room.rs; it shows spaces as ?), not the library's.
+  assert.match(e.message, /room name "Not\?A\?Room" has characters other than a-z, 0-9, '_' and '-'/);
+  assert.equal((await closed).retryInMs, null, "a refused name is final");
+  await sleep(1000);
+  assert.equal(opened, false);
+  assert.equal(c.connected, false);
+});
+
+test("a server with no room to spare is reported, and retried", async () => {
+  const full = process.env.CONDUCTOR_FULL_URL;
+  assert.ok(full, "CONDUCTOR_FULL_URL is not set: tests/node_client.rs starts a server with --max-rooms 1");
+  const c = new Conductor(full, { WebSocket, room: "one-too-many", minBackoffMs: 50, maxBackoffMs: 100 });
+  const errors = [];
+  c.addEventListener("error", (e) => errors.push(e.detail));
+  const closed = once(c, "close");
+  c.connect();
+  const first = await closed;
+  assert.equal(errors.length, 1, JSON.stringify(errors));
+  assert.equal(errors[0].code, "unavailable");
+  assert.equal(errors[0].status, 503);
+  assert.match(errors[0].message, /already holds 1 rooms \(--max-rooms\)/);
+  assert.ok(first.retryInMs !== null, "a full server is tried again");
+  // It keeps trying (and saying why) until closed; then it stops.
+  await sleep(800);
+  assert.ok(errors.length >= 2, `${errors.length} refusal(s) reported`);
+  c.close();
+  const reported = errors.length;
+  await sleep(500);
+  assert.equal(errors.length, reported, "no more tries after close()");
+  assert.equal(c.connected, false);
+});
