@@ -10,6 +10,7 @@ use crate::join::{self, JoinInfo};
 use crate::metrics;
 use crate::page_worker::{self, Job};
 use crate::stats::RefuseReason;
+use crate::tick_choice::TickChoice;
 use crate::wire::http::{self, Request, Route as HttpRoute};
 use crate::www;
 
@@ -45,13 +46,22 @@ impl Server {
                 )
             }
             HttpRoute::WebSocket => match self.check_ws_upgrade(&req) {
-                Ok(accept) => match self.hub.check_join(
-                    http::query_param(&req.query, "room")
-                        .as_deref()
-                        .filter(|r| !r.is_empty()),
+                Ok(accept) => match (
+                    self.hub.check_join(
+                        http::query_param(&req.query, "room")
+                            .as_deref()
+                            .filter(|r| !r.is_empty()),
+                    ),
+                    TickChoice::from_param(http::query_param(&req.query, "ticks").as_deref()),
                 ) {
-                    Ok(room) => return self.upgrade(key, &req, &accept, room),
-                    Err(e) => refusal(&e),
+                    (Ok(room), Ok(ticks)) => {
+                        return self.upgrade(key, &req, &accept, room, ticks);
+                    }
+                    (Err(e), _) => refusal(&e),
+                    (_, Err(e)) => {
+                        self.stats.count_refused(RefuseReason::BadRequest);
+                        (400, http::text_error(400, &e.to_string()))
+                    }
                 },
                 Err(refusal) => refusal,
             },
