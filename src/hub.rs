@@ -29,6 +29,7 @@ use crate::protocol::{
 use crate::room::{NameError, RoomKey, RoomName};
 use crate::room_timing::{TimingCommand, TimingEvent};
 use crate::tempo::Bpm;
+use crate::tick_choice::{Audience, TickChoice};
 use crate::timeline::{Change, Planned, Timeline, is_unchanged, plan};
 use crate::transport::{Quantize, TransportState};
 
@@ -114,6 +115,8 @@ pub enum Effect {
     /// One event to every member of a room, encoded once per protocol.
     Broadcast {
         room: RoomKey,
+        /// Which of its members: everyone, but for a tick only those who chose to get it.
+        to: Audience,
         event: Outgoing,
     },
     Timing(TimingCommand),
@@ -210,11 +213,60 @@ impl Window {
 
 struct Member {
     room: RoomKey,
-    /// Index in the room's member list.
+    /// Which ticks it receives, and whether it named that choice (then `hello` says it).
+    ticks: TickChoice,
+    ticks_named: bool,
+    /// Index in its group of the room's members.
     at: usize,
     may_control: bool,
     changes: Window,
     round_trips: RoundTrips,
+}
+
+/// A room's members, grouped by the ticks they receive: a tick's fan-out visits only the
+/// groups its [`Audience`] names, so a `none` member costs nothing per tick and a `bar`
+/// member only on bar lines.
+#[derive(Default)]
+struct Members {
+    groups: [Vec<ClientId>; 4],
+}
+
+impl Members {
+    /// Adds a member; returns its index in its group.
+    fn push(&mut self, choice: TickChoice, client: ClientId) -> usize {
+        let group = &mut self.groups[choice.index()];
+        group.push(client);
+        group.len() - 1
+    }
+
+    /// Removes the member at `at` of its group, if it is `client`; returns the member moved
+    /// into its place (whose index is now `at`).
+    fn remove(&mut self, choice: TickChoice, at: usize, client: ClientId) -> Option<ClientId> {
+        let group = &mut self.groups[choice.index()];
+        if group.get(at) != Some(&client) {
+            return None;
+        }
+        group.swap_remove(at);
+        group.get(at).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.groups.iter().all(Vec::is_empty)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ClientId> {
+        self.groups.iter().flatten()
+    }
+
+    fn of(&self, audience: Audience) -> impl Iterator<Item = &ClientId> {
+        audience
+            .groups()
+            .flat_map(move |choice| self.groups[choice.index()].iter())
+    }
 }
 
 /// A change that had to wait for one still pending ([`Planned::NotBefore`]).
@@ -235,7 +287,7 @@ struct Room {
     count: u64,
     last_tick_ns: u64,
     sounding_bpm: Bpm,
-    members: Vec<ClientId>,
+    members: Members,
     /// False while a room new to this instance waits for its cluster's timeline: its members
     /// get their hello once it is ready.
     ready: bool,
@@ -268,13 +320,16 @@ pub struct RoomReport {
     pub transport_changes: u64,
 }
 
-/// `hello`, with the room's name outside `main` (whose clients see exactly the predecessor's
-/// fields).
+/// `hello`, with the room's name outside `main` and the tick choice a client named (a client
+/// of `main` that named none sees exactly the predecessor's fields).
 #[derive(Serialize)]
 struct RoomHello<'a> {
     #[serde(flatten)]
     hello: HelloData,
-    room: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ticks: Option<&'static str>,
 }
 
 /// Generation-checked slots: a freed slot is reused with the next generation, so a key held
@@ -433,7 +488,7 @@ impl Hub {
             count: 0,
             last_tick_ns: now_ns,
             sounding_bpm: timeline.bpm,
-            members: Vec::new(),
+            members: Members::default(),
             ready,
             since_ns: now_ns,
             empty_since_ns: Some(now_ns),
@@ -505,6 +560,7 @@ impl Hub {
         &mut self,
         room: Option<&str>,
         tokens: &[&str],
+        ticks: Option<TickChoice>,
         now_ns: u64,
         fx: &mut Vec<Effect>,
     ) -> Result<ClientId, JoinError> {
@@ -519,17 +575,22 @@ impl Hub {
                 max_rooms: self.cfg.max_rooms,
             });
         };
-        let at = room.members.len();
+        let choice = ticks.unwrap_or_default();
         let made = self.clients.insert(|_, _| Member {
             room: key,
-            at,
+            ticks: choice,
+            ticks_named: ticks.is_some(),
+            at: 0,
             may_control,
             changes: Window::new(MAX_CLIENT_CHANGES_PER_SEC),
             round_trips: RoundTrips::default(),
         });
         let (slot, generation) = made.unwrap_or((0, 0));
         let client = ClientId { slot, generation };
-        room.members.push(client);
+        let at = room.members.push(choice, client);
+        if let Some(member) = self.clients.get_mut(slot, generation) {
+            member.at = at;
+        }
         room.empty_since_ns = None;
         if room.members.len() == 1 && self.cfg.clustered {
             fx.push(Effect::Cluster(ClusterAsk::Occupied {
@@ -566,12 +627,15 @@ impl Hub {
             token_required: self.token_required(&room.name),
             version: self.cfg.version,
         };
-        let hello = if room.name.is_main() {
+        let named_room = (!room.name.is_main()).then_some(room.name.as_str());
+        let ticks = member.ticks_named.then_some(member.ticks.label());
+        let hello = if named_room.is_none() && ticks.is_none() {
             protocol::hello(&data)
         } else {
             let json = serde_json::to_string(&RoomHello {
                 hello: data,
-                room: room.name.as_str(),
+                room: named_room,
+                ticks,
             })
             .unwrap_or_else(|_| "null".into());
             Outgoing {
@@ -607,13 +671,10 @@ impl Hub {
             return forgotten;
         };
         let at = member.at;
-        if room.members.get(at) == Some(&client) {
-            room.members.swap_remove(at);
-            if let Some(&moved) = room.members.get(at)
-                && let Some(m) = self.clients.get_mut(moved.slot, moved.generation)
-            {
-                m.at = at;
-            }
+        if let Some(moved) = room.members.remove(member.ticks, at, client)
+            && let Some(m) = self.clients.get_mut(moved.slot, moved.generation)
+        {
+            m.at = at;
         }
         if room.members.is_empty() {
             room.empty_since_ns = Some(now_ns);
@@ -634,11 +695,21 @@ impl Hub {
             .map(|m| m.room)
     }
 
-    /// The members of a room, for a fan-out.
-    pub fn members(&self, room: RoomKey) -> &[ClientId] {
+    /// The members of a room a broadcast to `audience` goes to, for a fan-out: only the
+    /// groups it names are visited.
+    pub fn members(&self, room: RoomKey, audience: Audience) -> impl Iterator<Item = ClientId> {
         self.rooms
             .get(room.slot, room.generation)
-            .map_or(&[], |r| &r.members)
+            .into_iter()
+            .flat_map(move |r| r.members.of(audience))
+            .copied()
+    }
+
+    /// What a client receives of the ticks.
+    pub fn tick_choice(&self, client: ClientId) -> Option<TickChoice> {
+        self.clients
+            .get(client.slot, client.generation)
+            .map(|m| m.ticks)
     }
 
     /// A room's name (cheap: for the fan-out, per tick).
@@ -898,8 +969,12 @@ impl Hub {
                         tick.count,
                         self.cfg.ppqn,
                     );
+                    // Bar lines as the stream has announced them: a `beats_per_bar` change
+                    // moves them for `bar` members from the tick it is announced before.
+                    let beats_per_bar = room.announced.unwrap_or(room.timeline).beats_per_bar;
                     fx.push(Effect::Broadcast {
                         room: tick.room,
+                        to: Audience::for_tick(tick.count, self.cfg.ppqn, beats_per_bar),
                         event: protocol::tick(&data),
                     });
                 }
@@ -927,6 +1002,7 @@ impl Hub {
                     if before.bpm != timeline.bpm {
                         fx.push(Effect::Broadcast {
                             room: key,
+                            to: Audience::EVERYONE,
                             event: protocol::bpm_change(timeline.bpm),
                         });
                     }
@@ -936,11 +1012,13 @@ impl Hub {
                     self.transport_changes += 1;
                     fx.push(Effect::Broadcast {
                         room: key,
+                        to: Audience::EVERYONE,
                         event: protocol::transport(&transport_data(&timeline)),
                     });
                 }
                 fx.push(Effect::Broadcast {
                     room: key,
+                    to: Audience::EVERYONE,
                     event: timeline_event(&timeline),
                 });
             }
@@ -1001,7 +1079,7 @@ impl Hub {
             timeline: room.timeline,
         }));
         fx.push(Effect::Persist);
-        let members = room.members.clone();
+        let members: Vec<ClientId> = room.members.iter().copied().collect();
         for client in members {
             self.greet(client, now_ns, fx);
         }
@@ -1240,7 +1318,7 @@ mod tests {
 
         fn join(&mut self, room: Option<&str>, tokens: &[&str]) -> ClientId {
             self.hub
-                .join(room, tokens, self.now, &mut self.fx)
+                .join(room, tokens, None, self.now, &mut self.fx)
                 .expect("join")
         }
 
@@ -1283,7 +1361,7 @@ mod tests {
     fn broadcasts(fx: &[Effect], to: RoomKey) -> Vec<&Outgoing> {
         fx.iter()
             .filter_map(|e| match e {
-                Effect::Broadcast { room, event } if *room == to => Some(event),
+                Effect::Broadcast { room, event, .. } if *room == to => Some(event),
                 _ => None,
             })
             .collect()
@@ -1317,25 +1395,146 @@ mod tests {
         assert_eq!(w.hub.rooms(), 2);
     }
 
+    /// The audience of the one tick broadcast in `fx`.
+    fn tick_audience(fx: &[Effect], room: RoomKey) -> Audience {
+        let to: Vec<Audience> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Broadcast { room: r, to, event } if *r == room && event.name == "tick" => {
+                    Some(*to)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to.len(), 1, "one tick broadcast");
+        to[0]
+    }
+
+    #[test]
+    fn a_tick_visits_only_the_members_who_chose_it() {
+        let mut w = World::new(config());
+        let join = |w: &mut World, ticks| w.hub.join(None, &[], ticks, 0, &mut w.fx).unwrap();
+        let quiet: Vec<ClientId> = (0..1000)
+            .map(|_| join(&mut w, Some(TickChoice::None)))
+            .collect();
+        let all = [join(&mut w, None), join(&mut w, Some(TickChoice::All))];
+        let beat = [
+            join(&mut w, Some(TickChoice::Beat)),
+            join(&mut w, Some(TickChoice::Beat)),
+        ];
+        let bar = join(&mut w, Some(TickChoice::Bar));
+        w.settle();
+        let main = w.hub.main();
+        // What the fan-out visits is exactly what `members` yields for the tick's audience.
+        let mut visits = 0;
+        for count in 1..=32 {
+            let to = tick_audience(&w.tick(main, count), main);
+            let visited: Vec<ClientId> = w.hub.members(main, to).collect();
+            visits += visited.len();
+            assert!(visited.iter().all(|c| !quiet.contains(c)), "tick {count}");
+            let mut expected: Vec<ClientId> = all.to_vec();
+            if count % 4 == 0 {
+                expected.extend(beat);
+            }
+            if count % 16 == 0 {
+                expected.push(bar);
+            }
+            assert_eq!(visited, expected, "tick {count}");
+        }
+        // 32 ticks: 2 `all` members each, 2 `beat` members on 8 beats, 1 `bar` member on 2
+        // bar lines; the 1000 `none` members not once.
+        assert_eq!(visits, 32 * 2 + 8 * 2 + 2);
+        // A change still goes to everyone.
+        let changes: Vec<Audience> = w
+            .control(all[0], Control::SetBpm(150.0))
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Broadcast { to, .. } => Some(*to),
+                _ => None,
+            })
+            .collect();
+        assert!(!changes.is_empty());
+        assert!(changes.iter().all(|to| *to == Audience::EVERYONE));
+        assert_eq!(w.hub.members(main, Audience::EVERYONE).count(), 1005);
+        // Leaving keeps the groups consistent.
+        w.hub.leave(quiet[0], 0, &mut w.fx);
+        w.hub.leave(beat[0], 0, &mut w.fx);
+        assert_eq!(w.hub.members(main, Audience::for_tick(16, 4, 4)).count(), 4);
+        assert_eq!(w.hub.tick_choice(beat[1]), Some(TickChoice::Beat));
+        assert_eq!(w.hub.tick_choice(beat[0]), None);
+    }
+
+    #[test]
+    fn hello_reports_a_named_choice_and_main_by_default_stays_the_predecessors() {
+        let mut w = World::new(config());
+        let plain = w.join(None, &[]);
+        let hello = json(replies(&w.settle(), plain)[0]);
+        assert!(hello.get("ticks").is_none(), "{hello}");
+        let named = w
+            .hub
+            .join(None, &[], Some(TickChoice::All), 0, &mut w.fx)
+            .unwrap();
+        let hello = json(replies(&w.settle(), named)[0]);
+        assert_eq!(hello["ticks"], "all");
+        let quiet = w
+            .hub
+            .join(Some("band"), &[], Some(TickChoice::None), 0, &mut w.fx)
+            .unwrap();
+        let hello = json(replies(&w.settle(), quiet)[0]);
+        assert_eq!(
+            (hello["ticks"].as_str(), hello["room"].as_str()),
+            (Some("none"), Some("band"))
+        );
+        assert_eq!(hello["ppqn"], 4);
+    }
+
+    #[test]
+    fn bar_lines_follow_an_announced_beats_per_bar() {
+        let mut w = World::new(config());
+        w.join(None, &[]);
+        w.settle();
+        let main = w.hub.main();
+        assert!(tick_audience(&w.tick(main, 16), main).includes(TickChoice::Bar));
+        assert!(!tick_audience(&w.tick(main, 12), main).includes(TickChoice::Bar));
+        // The cluster's timeline has 3 beats to the bar: from its announcement on, bar lines
+        // are every 12 ticks.
+        let mut three = w.hub.timeline(main).unwrap();
+        three.beats_per_bar = 3;
+        three.version += 1;
+        w.hub.on_timing(
+            &TimingEvent::Timeline {
+                room: main,
+                timeline: three,
+            },
+            w.now,
+            &mut w.fx,
+        );
+        w.settle();
+        assert!(tick_audience(&w.tick(main, 24), main).includes(TickChoice::Bar));
+        assert!(!tick_audience(&w.tick(main, 32), main).includes(TickChoice::Bar));
+        assert!(tick_audience(&w.tick(main, 32), main).includes(TickChoice::Beat));
+    }
+
     #[test]
     fn names_and_the_room_limit_are_checked() {
         let mut w = World::new(config());
         assert!(matches!(
-            w.hub.join(Some("Band"), &[], 0, &mut w.fx),
+            w.hub.join(Some("Band"), &[], None, 0, &mut w.fx),
             Err(JoinError::Name(_))
         ));
         assert!(matches!(
-            w.hub.join(Some(""), &[], 0, &mut w.fx),
+            w.hub.join(Some(""), &[], None, 0, &mut w.fx),
             Err(JoinError::Name(_))
         ));
         w.join(Some("a"), &[]);
         w.join(Some("b"), &[]);
-        let full = w.hub.join(Some("c"), &[], 0, &mut w.fx).unwrap_err();
+        let full = w.hub.join(Some("c"), &[], None, 0, &mut w.fx).unwrap_err();
         assert_eq!(full, JoinError::Full { max_rooms: 3 });
         assert!(full.to_string().contains("--max-rooms"), "{full}");
         // Existing rooms stay open.
-        assert!(w.hub.join(Some("a"), &[], 0, &mut w.fx).is_ok());
-        assert!(w.hub.join(Some("main"), &[], 0, &mut w.fx).is_ok());
+        assert!(w.hub.join(Some("a"), &[], None, 0, &mut w.fx).is_ok());
+        assert!(w.hub.join(Some("main"), &[], None, 0, &mut w.fx).is_ok());
     }
 
     #[test]
@@ -1597,12 +1796,13 @@ mod tests {
         let c: Vec<ClientId> = (0..5).map(|_| w.join(None, &[])).collect();
         w.hub.leave(c[1], 0, &mut w.fx);
         w.hub.leave(c[3], 0, &mut w.fx);
-        let mut left: Vec<ClientId> = w.hub.members(w.hub.main()).to_vec();
+        let mut left: Vec<ClientId> = w.hub.members(w.hub.main(), Audience::EVERYONE).collect();
         left.sort_by_key(|c| c.slot);
         assert_eq!(left, [c[0], c[2], c[4]]);
         w.hub.leave(c[4], 0, &mut w.fx);
         w.hub.leave(c[0], 0, &mut w.fx);
-        assert_eq!(w.hub.members(w.hub.main()), [c[2]]);
+        let left: Vec<ClientId> = w.hub.members(w.hub.main(), Audience::EVERYONE).collect();
+        assert_eq!(left, [c[2]]);
         assert_eq!(w.hub.clients(), 1);
         // A stale id does nothing.
         w.hub.leave(c[4], 0, &mut w.fx);

@@ -49,6 +49,7 @@ pub mod rt;
 pub mod state;
 pub mod stats;
 pub mod tempo;
+pub mod tick_choice;
 pub mod timeline;
 pub mod transport;
 pub mod wire;

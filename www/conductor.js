@@ -2,8 +2,8 @@
 // module with no dependencies and no build step; every server serves it at /conductor.js.
 //
 //   import { Conductor } from "/conductor.js";
-//   const c = new Conductor();                 // same-origin ws(s)://host/ws
-//   c.addEventListener("tick", (e) => console.log(e.detail.count));
+//   const c = new Conductor(undefined, { ticks: "beat" }); // same-origin ws(s)://host/ws
+//   c.addEventListener("tick", (e) => console.log(e.detail.count)); // every beat's tick
 //   c.connect();
 //
 // In Node (22+ has a global WebSocket; before that, pass one, e.g. from the `ws` package):
@@ -42,6 +42,11 @@
 //                            {code: "invalid_room", status: 400, message: the server's words},
 //                            then `close` with retryInMs null. No retrying.
 //            token           control token, sent as ?token= (needed only if the server asks)
+//            ticks           which tick messages the server sends, as ?ticks=: "none" (the
+//                            default: everything here runs on the timeline, so ticks are not
+//                            needed), "beat", "bar" or "all". The `tick` event fires only for
+//                            the ticks asked for: a page that shows ticks as they arrive asks
+//                            for "beat" (or "all"). A ticks= in the URL wins.
 //            lookahead       seconds the audio scheduler looks ahead (default 0.1)
 //            nudgeMs         this device's manual correction, ms: positive plays later (default
 //                            0). Round trips cannot see a path's asymmetry
@@ -93,7 +98,8 @@
 //
 // Events (CustomEvent; the payload is in event.detail)
 //   open, close {code, reason, retryInMs}, hello (hello data), tick (tick data plus `lateMs`:
-//   how long after its instant it arrived), tempo {bpm, previous}, transport {state, count,
+//   how long after its instant it arrived; only for the ticks asked for: none by default,
+//   see the `ticks` option), tempo {bpm, previous}, transport {state, count,
 //   time_us}, timeline (timeline data), sync {offset, rtt, spread, samples, rate, errorBound,
 //   nudge, settled}, nudge {nudge}, error {code, message} (the server refused something; a
 //   refused connection adds `status`, the HTTP status: invalid_room (400) is final,
@@ -108,6 +114,9 @@ const localNow = () => performance.timeOrigin + performance.now();
 const DEFAULTS = {
   room: null,
   token: null,
+  // Conductor schedules on the timeline, so it asks the server for no ticks at all: a client
+  // that takes none costs the server only its pings and the rare timeline.
+  ticks: "none",
   lookahead: 0.1,
   nudgeMs: 0,
   WebSocket: null,
@@ -118,6 +127,18 @@ const DEFAULTS = {
   maxBackoffMs: 10000,
   clock: {},
 };
+
+// `url` with `params` added to its query (those null or empty left out, and those the URL
+// names already kept as the URL has them).
+function withQuery(url, params) {
+  let out = url;
+  for (const [name, value] of Object.entries(params)) {
+    if (value === null || value === undefined || value === "") continue;
+    if (new RegExp("[?&]" + name + "=").test(out)) continue;
+    out += (out.includes("?") ? "&" : "?") + name + "=" + encodeURIComponent(value);
+  }
+  return out;
+}
 
 function median(sorted) {
   const m = sorted.length >> 1;
@@ -415,13 +436,9 @@ export class Timeline {
 export const ROOM_NAME = /^[a-z0-9_-]{1,64}$/;
 
 // The URL to open: `url` plus ?room= and ?token= from the options.
-export function connectUrl(url, { room, token } = {}) {
-  let out = url;
-  for (const [k, v] of [["room", room], ["token", token]]) {
-    if (v === null || v === undefined || v === "") continue;
-    out += (out.includes("?") ? "&" : "?") + k + "=" + encodeURIComponent(v);
-  }
-  return out;
+export function connectUrl(url, { room, token, ticks } = {}) {
+  // A parameter already in the URL wins.
+  return withQuery(url, { room, token, ticks });
 }
 
 export class Connection extends EventTarget {

@@ -36,9 +36,13 @@ use crate::stats::{ClientKind, CloseReason};
 
 /// How long a closing connection may take to flush and say goodbye.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// tungstenite's read buffer, allocated eagerly per connection. Client messages are tiny; the
-/// 128 KiB default would cost more per client than everything else together.
-const WS_READ_BUFFER: usize = 1024;
+/// tungstenite's read buffer, allocated at the upgrade, and the most it reads per system call
+/// (tungstenite 0.30: `in_buf_max_read`; a longer frame reserves its full length first and is
+/// read in chunks of this size). Client messages are tiny: a clock-sync ping with its frame
+/// header is about 50 bytes, one read. At 1,024 this buffer was 56% of a client's memory
+/// (bench/results/memory.md); at 64 a rare long message (a `setBpm` with a token, up to
+/// `--max-message-bytes`) costs a few more reads, and a client costs 960 bytes less.
+const WS_READ_BUFFER: usize = 64;
 /// Reads of discarded input per readiness event for a closing connection (64 KiB), so a peer
 /// that keeps sending cannot hold the loop.
 const DRAIN_READS: usize = 16;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use crate::connection::RateLimit;
 use crate::hub::ClientId;
 use crate::stats::ClientKind;
+use crate::tick_choice::TickChoice;
 use crate::wire::engineio::SEPARATOR;
 
 use super::heartbeat::{Beat, Heartbeat};
@@ -127,6 +128,8 @@ pub struct EioSession {
     last_seen_ns: u64,
     /// The control token the handshake request presented (`?token=`, `Authorization`).
     pub token: Option<String>,
+    /// The ticks the handshake asked for (`&ticks=`); a CONNECT's `auth.ticks` wins.
+    pub ticks: Option<TickChoice>,
     /// The CORS headers for the latest request's origin, for the responses to it.
     pub cors: Vec<String>,
     pub joined: Option<Joined>,
@@ -154,6 +157,7 @@ impl EioSession {
             rate,
             last_seen_ns: now_ns,
             token: None,
+            ticks: None,
             cors: Vec::new(),
             joined: None,
             counted: None,

@@ -14,6 +14,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::room::RoomKey;
 use crate::stats::CloseReason;
+use crate::tick_choice::Audience;
 use crate::wire::engineio::{self};
 use crate::wire::protocol::{self, Outgoing, SharedFrame};
 
@@ -24,6 +25,8 @@ use super::reactor::*;
 /// A broadcast waiting to be fanned out.
 pub(super) struct Job {
     pub(super) room: RoomKey,
+    /// Which of the room's members: a tick skips those who did not ask for it unvisited.
+    pub(super) to: Audience,
     pub(super) event: Outgoing,
     /// For a tick: its deadline, to measure the fan-out against.
     pub(super) deadline_ns: Option<u64>,
@@ -75,13 +78,15 @@ impl Server {
         }
     }
 
-    /// Sends one broadcast to every member of its room, encoded once per protocol. Members
+    /// Sends one broadcast to the members of its room it is for (a tick: only those who chose
+    /// it; the hub keeps them grouped, so the others are never visited), encoded once per
+    /// protocol. Members
     /// already `max_queue` frames behind are closed as slow consumers instead; they never hold
     /// up the rest. Every [`FANOUT_CHUNK`] members it pauses to serve what has arrived.
     pub(super) fn fan_out(&mut self, job: &Job) {
         let mut members = std::mem::take(&mut self.members);
         members.clear();
-        members.extend_from_slice(self.hub.members(job.room));
+        members.extend(self.hub.members(job.room, job.to));
         let mut encoded = Encoded::default();
         // A room's named namespace is `/NAME` (`/main` for a client that named main).
         let room_nsp = self

@@ -11,6 +11,7 @@ use crate::metrics;
 use crate::page_worker::{self, Job};
 use crate::room::RoomName;
 use crate::stats::RefuseReason;
+use crate::tick_choice::TickChoice;
 use crate::wire::http::{self, Request, Route as HttpRoute};
 use crate::www;
 
@@ -45,19 +46,26 @@ impl Server {
                     ),
                 )
             }
-            // The room is checked before the handshake, so that a plain GET of the same URL
-            // (what conductor.js asks when a WebSocket fails to open, since a browser's
-            // WebSocket cannot read a refusal) gets the room's refusal too.
-            HttpRoute::WebSocket => match self.hub.check_join(
-                http::query_param(&req.query, "room")
-                    .as_deref()
-                    .filter(|r| !r.is_empty()),
+            // The room and the tick choice are checked before the handshake, so that a plain
+            // GET of the same URL (what conductor.js asks when a WebSocket fails to open, since
+            // a browser's WebSocket cannot read a refusal) gets their refusal too.
+            HttpRoute::WebSocket => match (
+                self.hub.check_join(
+                    http::query_param(&req.query, "room")
+                        .as_deref()
+                        .filter(|r| !r.is_empty()),
+                ),
+                TickChoice::from_param(http::query_param(&req.query, "ticks").as_deref()),
             ) {
-                Ok(room) => match self.check_ws_upgrade(&req) {
-                    Ok(accept) => return self.upgrade(key, &req, &accept, room),
+                (Ok(room), Ok(ticks)) => match self.check_ws_upgrade(&req) {
+                    Ok(accept) => return self.upgrade(key, &req, &accept, room, ticks),
                     Err(refusal) => refusal,
                 },
-                Err(e) => refusal(&e),
+                (Err(e), _) => refusal(&e),
+                (_, Err(e)) => {
+                    self.stats.count_refused(RefuseReason::BadRequest);
+                    (400, http::text_error(400, &e.to_string()))
+                }
             },
             HttpRoute::SocketIo => return self.on_socketio_request(key, req, now),
             HttpRoute::Asset(asset) => {

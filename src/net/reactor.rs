@@ -485,10 +485,11 @@ impl Server {
         for effect in fx {
             match effect {
                 Effect::Reply { client, event } => self.reply(client, &event),
-                Effect::Broadcast { room, event } => {
+                Effect::Broadcast { room, to, event } => {
                     if self.shutdown_by.is_none() {
                         self.jobs.push_back(Job {
                             room,
+                            to,
                             event,
                             deadline_ns: None,
                         });

@@ -14,6 +14,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::connection::{Rate, RateLimit};
 use crate::hub::{Decision, JoinError};
 use crate::stats::{ClientKind, CloseReason, RefuseReason};
+use crate::tick_choice::TickChoice;
 use crate::wire::engineio::{self, EioError, Packet, SioPacket, Transport as EioTransport};
 use crate::wire::http::{self, Request};
 use crate::wire::protocol::{self, ClientError, Outgoing};
@@ -37,6 +38,22 @@ impl Server {
         let query = match engineio::parse_query(&req.query) {
             Ok(q) => q,
             Err(e) => return self.eio_refuse(key, &req, e, &cors, now),
+        };
+        // A handshake may choose its ticks; a request within a session names none.
+        let ticks = if query.sid.is_none() {
+            match TickChoice::from_param(http::query_param(&req.query, "ticks").as_deref()) {
+                Ok(ticks) => ticks,
+                Err(e) => {
+                    self.stats.count_refused(RefuseReason::BadRequest);
+                    let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
+                    let body = engineio::error_body(EioError::BadRequest, &e.to_string());
+                    let bytes =
+                        http::response_with(400, "application/json", &extra, body.as_bytes());
+                    return self.respond(key, &req, 400, bytes, now);
+                }
+            }
+        } else {
+            None
         };
         let Some(peer) = self.socks.get(key).map(|s| s.conn.peer.ip()) else {
             return;
@@ -74,11 +91,11 @@ impl Server {
                 }
             },
             (EioTransport::WebSocket, None, "GET") => match self.check_ws_upgrade(&req) {
-                Ok(accept) => self.socketio_websocket(key, &req, &accept, client),
+                Ok(accept) => self.socketio_websocket(key, &req, &accept, client, ticks),
                 Err((status, bytes)) => self.respond(key, &req, status, bytes, now),
             },
             (EioTransport::Polling, None, "GET") => {
-                self.polling_handshake(key, &req, client, cors, now)
+                self.polling_handshake(key, &req, client, ticks, cors, now)
             }
             (EioTransport::Polling, Some(skey), "GET") => self.poll(key, &req, skey, cors, now),
             (EioTransport::Polling, Some(skey), "POST") => self.post(key, &req, skey, cors, now),
@@ -149,6 +166,7 @@ impl Server {
         req: &Request,
         client: IpAddr,
         link: Link,
+        ticks: Option<TickChoice>,
     ) -> Option<usize> {
         let sid = match engineio::new_sid() {
             Ok(sid) => sid,
@@ -168,6 +186,7 @@ impl Server {
             now_ns,
         );
         session.token = http::presented_token(req);
+        session.ticks = ticks;
         let skey = self.sessions.insert(session);
         self.sids.insert(sid, skey);
         Some(skey)
@@ -181,8 +200,10 @@ impl Server {
         req: &Request,
         accept: &str,
         client: IpAddr,
+        ticks: Option<TickChoice>,
     ) {
-        let Some(skey) = self.new_session(req, client, Link::WebSocket { socket: key }) else {
+        let Some(skey) = self.new_session(req, client, Link::WebSocket { socket: key }, ticks)
+        else {
             let bytes = http::text_error(503, "cannot create a session; try again");
             return self.respond(key, req, 503, bytes, Instant::now());
         };
@@ -240,6 +261,7 @@ impl Server {
         key: usize,
         req: &Request,
         client: IpAddr,
+        ticks: Option<TickChoice>,
         cors: Vec<String>,
         now: Instant,
     ) {
@@ -261,7 +283,8 @@ impl Server {
             let bytes = http::response_with(429, "application/json", &extra, body.as_bytes());
             return self.respond(key, req, 429, bytes, now);
         }
-        let Some(skey) = self.new_session(req, client, Link::Polling { waiting: None }) else {
+        let Some(skey) = self.new_session(req, client, Link::Polling { waiting: None }, ticks)
+        else {
             let bytes = http::text_error(503, "cannot create a session; try again");
             return self.respond(key, req, 503, bytes, now);
         };
@@ -616,6 +639,14 @@ impl Server {
             .into_iter()
             .chain(by_auth.as_deref())
             .collect();
+        let ticks = match TickChoice::from_auth(auth.as_ref()) {
+            Ok(by_auth) => by_auth.or(session.ticks),
+            Err(e) => {
+                let why = e.to_string();
+                let refused = engineio::connect_error_with(&nsp, &why, "invalid_ticks", &why);
+                return self.send_packet(skey, &refused);
+            }
+        };
         // A session counts as a client from its first namespace connect on; a full server
         // refuses it here (a stock client reports connect_error, and may try again).
         if session.counted.is_none() && self.stats.clients >= self.cfg.max_clients {
@@ -633,7 +664,7 @@ impl Server {
         let now_ns = self.clock.now_ns();
         match self
             .hub
-            .join(room.as_deref(), &tokens, now_ns, &mut self.fx)
+            .join(room.as_deref(), &tokens, ticks, now_ns, &mut self.fx)
         {
             Ok(client) => {
                 let named = nsp != "/";

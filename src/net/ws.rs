@@ -10,6 +10,7 @@ use crate::hub::{ClientId, Control, Decision};
 use crate::lead::{self};
 use crate::room::RoomName;
 use crate::stats::{ClientKind, CloseReason};
+use crate::tick_choice::TickChoice;
 use crate::wire::engineio::{self};
 use crate::wire::http::{self, Request};
 use crate::wire::protocol::{self, ClientError, ClientMessage, Outgoing};
@@ -25,7 +26,14 @@ pub(super) fn room_arg(room: &RoomName) -> Option<&str> {
 
 impl Server {
     /// `/ws`: the 101, then the client joins its room and gets its hello and timeline.
-    pub(super) fn upgrade(&mut self, key: usize, req: &Request, accept: &str, room: RoomName) {
+    pub(super) fn upgrade(
+        &mut self,
+        key: usize,
+        req: &Request,
+        accept: &str,
+        room: RoomName,
+        ticks: Option<TickChoice>,
+    ) {
         let probe_interval = self.ws_probe_interval_ns();
         let Some(s) = self.socks.get_mut(key) else {
             return;
@@ -41,7 +49,7 @@ impl Server {
         let now_ns = self.clock.now_ns();
         let client = match self
             .hub
-            .join(room_arg(&room), &tokens, now_ns, &mut self.fx)
+            .join(room_arg(&room), &tokens, ticks, now_ns, &mut self.fx)
         {
             Ok(client) => client,
             Err(e) => {

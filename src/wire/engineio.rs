@@ -79,8 +79,13 @@ impl EioError {
 
     /// The response body stock clients parse.
     pub fn body(self) -> String {
-        json!({ "code": self.code(), "message": self.to_string() }).to_string()
+        error_body(self, &self.to_string())
     }
+}
+
+/// Engine.IO's JSON error with a message of our own: what exactly was wrong.
+pub fn error_body(e: EioError, message: &str) -> String {
+    json!({ "code": e.code(), "message": message }).to_string()
 }
 
 /// Reads `EIO`, `transport` and `sid` from a query string. Only version 4 is spoken.

@@ -76,7 +76,8 @@ for (const p of pages) {
   p.page = await browser.newPage();
   p.page.on("pageerror", (e) => problems.push(`${p.name}: uncaught: ${e.message}`));
   p.page.on("console", (m) => m.type() === "error" && problems.push(`${p.name}: console error: ${m.text()}`));
-  await p.page.goto(p.origin + "/drums.html");
+  // The page takes no ticks by default; this test measures their arrival.
+  await p.page.goto(p.origin + "/drums.html?ticks=all");
   // Record, in the page, every tick's arrival and scheduled instant and every timeline's arrival.
   await p.page.evaluate(() => {
     const c = window.conductorDebug.conductor;

@@ -41,8 +41,31 @@ test("without a WebSocket, the constructor says what to do", () => {
   assert.throws(() => new Conductor(undefined, { WebSocket }), /give the server's WebSocket URL/);
 });
 
+test("by default it asks for no ticks and follows the timeline; ticks: \"beat\" gets beats", async () => {
+  const quiet = new Conductor(url, { WebSocket });
+  const hello = once(quiet, "hello");
+  const timeline = once(quiet, "timeline");
+  let ticks = 0;
+  quiet.addEventListener("tick", () => ticks++);
+  quiet.connect();
+  assert.equal((await hello).ticks, "none");
+  await timeline;
+  await sleep(1000);
+  assert.equal(ticks, 0, "ticks with the default");
+  assert.ok(Number.isFinite(quiet.count) && quiet.count > 0, `count from the timeline: ${quiet.count}`);
+  quiet.close();
+  const beats = new Conductor(url + "?room=main", { WebSocket, ticks: "beat" });
+  const got = [];
+  beats.addEventListener("tick", (e) => got.push(e.detail.count));
+  beats.connect();
+  assert.equal((await once(beats, "hello")).ticks, "beat");
+  await sleep(1200);
+  beats.close();
+  assert.ok(got.length >= 1 && got.every((n) => n % 4 === 0), `beats only: ${got}`);
+});
+
 test("with the ws package it follows the real server", async () => {
-  const c = new Conductor(url, { WebSocket, nudgeMs: 7 });
+  const c = new Conductor(url, { WebSocket, nudgeMs: 7, ticks: "all" });
   const hello = once(c, "hello");
   const timeline = once(c, "timeline");
   const tick = once(c, "tick");
