@@ -46,6 +46,7 @@ pub mod page_worker;
 pub mod room;
 pub mod room_timing;
 pub mod rt;
+pub mod shard_rooms;
 pub mod state;
 pub mod stats;
 pub mod tempo;
