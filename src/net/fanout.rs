@@ -81,12 +81,12 @@ impl Server {
     pub(super) fn fan_out(&mut self, job: &Job) {
         let mut members = std::mem::take(&mut self.members);
         members.clear();
-        members.extend_from_slice(self.hub.members(job.room));
+        members.extend_from_slice(self.rooms.members(job.room));
         let mut encoded = Encoded::default();
         // A room's named namespace is `/NAME` (`/main` for a client that named main).
         let room_nsp = self
-            .hub
-            .room_name(job.room)
+            .rooms
+            .name(job.room)
             .map(|name| format!("/{name}"))
             .unwrap_or_default();
         let limit = self.cfg.max_queue;
