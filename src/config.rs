@@ -179,6 +179,12 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_ROOMS", default_value_t = 1000)]
     pub max_rooms: usize,
 
+    /// How new connections reach the shards: handoff (shard 0 accepts and hands each to the
+    /// shard with the fewest connections; measured better) or reuseport (a listener per
+    /// shard, the kernel spreads them by a hash of the addresses).
+    #[arg(long, env = "CONDUCTOR_ACCEPT", value_enum, default_value_t = AcceptMode::Handoff)]
+    pub accept: AcceptMode,
+
     /// Fan-out shards: event loops, each owning a share of the connections (1 to 256).
     /// Default: every core where there are 1 or 2, otherwise one less than the cores, leaving
     /// one for the timing thread.
@@ -316,6 +322,16 @@ pub struct Cli {
 /// directory.
 pub const DEFAULT_STATE_FILE: &str = "conductor-state.json";
 
+/// How new connections are spread over the shards (`--accept`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceptMode {
+    /// A `SO_REUSEPORT` listener per shard: the kernel spreads connections by a hash of
+    /// their addresses.
+    Reuseport,
+    /// Shard 0 accepts every connection and hands it to the shard with the fewest.
+    Handoff,
+}
+
 /// `--threads` at most.
 pub const MAX_THREADS: usize = 256;
 
@@ -425,6 +441,7 @@ pub struct Config {
     pub max_rooms: usize,
     /// Fan-out shards (event loops).
     pub threads: usize,
+    pub accept: AcceptMode,
     pub room_idle: Duration,
     pub metrics_rooms: usize,
     /// `--change-lead-ms`, when given.
@@ -714,6 +731,7 @@ impl Cli {
             room_tokens,
             max_rooms: self.max_rooms,
             threads,
+            accept: self.accept,
             room_idle,
             metrics_rooms: self.metrics_rooms,
             change_lead: self.change_lead_ms.map(Duration::from_millis),

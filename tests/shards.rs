@@ -70,8 +70,17 @@ fn names(messages: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-fn ticks_everywhere(threads: &str, clients: usize) {
-    let server = Server::start(&["--threads", threads, "--bpm", "200", "--ppqn", "24"]);
+fn ticks_everywhere(threads: &str, accept: &str, clients: usize) {
+    let server = Server::start(&[
+        "--threads",
+        threads,
+        "--accept",
+        accept,
+        "--bpm",
+        "200",
+        "--ppqn",
+        "24",
+    ]);
     let shards: usize = threads.parse().expect("threads");
     let mut all: Vec<Client> = (0..clients).map(|_| server.ws()).collect();
     let stats = eventually(&server, "every client counted", |s| {
@@ -123,12 +132,17 @@ fn ticks_everywhere(threads: &str, clients: usize) {
 
 #[test]
 fn every_client_gets_every_tick_in_order_on_two_shards() {
-    ticks_everywhere("2", 48);
+    ticks_everywhere("2", "handoff", 48);
 }
 
 #[test]
 fn every_client_gets_every_tick_in_order_on_three_shards() {
-    ticks_everywhere("3", 60);
+    ticks_everywhere("3", "handoff", 60);
+}
+
+#[test]
+fn reuseport_listeners_spread_clients_too() {
+    ticks_everywhere("2", "reuseport", 48);
 }
 
 /// Whether tick `count` plays under a `timeline` event's transport.
@@ -256,12 +270,14 @@ fn request(port: u16, method: &str, query: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn socketio_polling_and_upgrade_find_their_session_on_any_shard() {
-    let server = Server::start(&["--threads", "3", "--bpm", "200"]);
+    // Each shard listening on its own: a request lands wherever the kernel's hash puts it.
+    let server = Server::start(&["--threads", "3", "--accept", "reuseport", "--bpm", "200"]);
     let port = server.port;
     let mut tags = BTreeSet::new();
     let mut upgraded = Vec::new();
     for round in 0..6 {
         let (status, open) = request(port, "GET", "EIO=4&transport=polling&t=a", "");
+        assert!(open.len() > 1, "round {round}: {open}");
         assert_eq!(status, 200, "{open}");
         let v: Value = serde_json::from_str(&open[1..]).expect("open packet");
         let sid = v["sid"].as_str().expect("sid").to_string();

@@ -25,7 +25,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::cluster;
-use crate::config::Config;
+use crate::config::{AcceptMode, Config};
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
 use crate::hub::{ClientId, Effect, Hub, HubConfig, JoinError};
 use crate::lead::{self, LeadPolicy};
@@ -202,20 +202,26 @@ impl Server {
         let mut loops = Vec::with_capacity(cfg.threads.max(1));
         let mut local_addr = addr;
         for shard in 0..cfg.threads.max(1) {
-            let bind_to = if shard == 0 { addr } else { local_addr };
-            let std_listener =
-                shards::listen_shared(bind_to).map_err(|source| ServerError::Bind {
-                    addr: bind_to,
-                    source,
-                })?;
-            if shard == 0 {
-                local_addr = std_listener.local_addr().map_err(ServerError::Poll)?;
-            }
-            let mut listener = TcpListener::from_std(std_listener);
             let poll = Poll::new().map_err(ServerError::Poll)?;
-            poll.registry()
-                .register(&mut listener, LISTENER, Interest::READABLE)
-                .map_err(ServerError::Poll)?;
+            // With --accept handoff only shard 0 listens.
+            let listener = if shard == 0 || cfg.accept == AcceptMode::Reuseport {
+                let bind_to = if shard == 0 { addr } else { local_addr };
+                let std_listener =
+                    shards::listen_shared(bind_to).map_err(|source| ServerError::Bind {
+                        addr: bind_to,
+                        source,
+                    })?;
+                if shard == 0 {
+                    local_addr = std_listener.local_addr().map_err(ServerError::Poll)?;
+                }
+                let mut listener = TcpListener::from_std(std_listener);
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)
+                    .map_err(ServerError::Poll)?;
+                Some(listener)
+            } else {
+                None
+            };
             let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
             let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
             poll.registry()
@@ -314,7 +320,7 @@ impl Server {
                 others: Vec::new(),
                 cfg: cfg.clone(),
                 poll,
-                listener: Some(listener),
+                listener,
                 local_addr,
                 socks: Slab::new(),
                 sessions: Slab::new(),
@@ -639,6 +645,7 @@ impl Server {
                     self.conclude(client, ack, result);
                 }
                 Forward::Connection { conn, req } => self.adopt(*conn, *req),
+                Forward::Accepted { sock, peer } => self.add_connection(sock, peer),
             }
         }
     }
@@ -655,6 +662,7 @@ impl Server {
             warn!("cannot take over a connection from {}: {e}", conn.peer);
             return;
         }
+        self.shared.connection_opened(self.shard);
         entry.insert(Socket {
             conn,
             owner: Owner::Http,
@@ -669,6 +677,7 @@ impl Server {
             return;
         };
         let _ = self.poll.registry().deregister(s.conn.socket());
+        self.shared.connection_closed(self.shard);
         self.shared.send(
             shard,
             Forward::Connection {
@@ -859,7 +868,7 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((sock, peer)) => self.add_connection(sock, peer),
+                Ok((sock, peer)) => self.place_connection(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // These concern one connection that is already gone, not the listener.
@@ -889,6 +898,23 @@ impl Server {
         }
     }
 
+    /// A connection this shard accepted: kept, or with `--accept handoff` handed to the shard
+    /// with the fewest connections (counted there at once, so a burst spreads evenly).
+    pub(super) fn place_connection(&mut self, sock: TcpStream, peer: SocketAddr) {
+        let to = if self.cfg.accept == AcceptMode::Handoff {
+            self.shared.least_loaded()
+        } else {
+            self.shard
+        };
+        self.shared.connection_opened(to);
+        if to == self.shard {
+            self.add_connection(sock, peer);
+        } else {
+            self.shared.send(to, Forward::Accepted { sock, peer });
+        }
+    }
+
+    /// Registers a connection, counted against this shard already.
     pub(super) fn add_connection(&mut self, mut sock: TcpStream, peer: SocketAddr) {
         // Ticks are tiny and latency is the point: never let Nagle hold one back.
         if let Err(e) = sock.set_nodelay(true) {
@@ -902,6 +928,7 @@ impl Server {
                 .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
         {
             warn!("cannot register connection from {peer}: {e}");
+            self.shared.connection_closed(self.shard);
             return;
         }
         let rate = RateLimit::new(self.cfg.max_messages_per_sec);
@@ -965,6 +992,7 @@ impl Server {
         let Some(mut s) = self.socks.try_remove(key) else {
             return;
         };
+        self.shared.connection_closed(self.shard);
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(s.conn.socket());
         if let Owner::Eio(skey) = s.owner

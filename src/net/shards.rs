@@ -84,6 +84,11 @@ pub(super) enum Forward {
         client: ClientId,
         result: Result<(), ClientError>,
     },
+    /// A connection shard 0 accepted for the receiving shard (`--accept handoff`).
+    Accepted {
+        sock: mio::net::TcpStream,
+        peer: SocketAddr,
+    },
     /// A connection whose request names a Socket.IO session that lives on the receiving
     /// shard: it carries on there, starting with that request.
     Connection {
@@ -113,6 +118,8 @@ pub(super) struct Shared {
     pub(super) session_addresses: Mutex<AddressCounts>,
     stats_wanted: AtomicU64,
     published: Vec<Published>,
+    /// Each shard's open connections, for `--accept handoff`.
+    connections: Vec<AtomicUsize>,
 }
 
 /// Takes a lock even if a shard panicked while holding it: the data is counts and rooms,
@@ -123,6 +130,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub(super) fn new(hub: Hub, timing: TimingThread, wakers: Vec<Arc<Waker>>) -> Shared {
+        let connections = wakers.iter().map(|_| AtomicUsize::new(0)).collect();
         let published = wakers
             .iter()
             .map(|_| Published {
@@ -148,6 +156,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             session_addresses: Mutex::new(AddressCounts::default()),
             stats_wanted: AtomicU64::new(0),
+            connections,
             published,
         }
     }
@@ -160,6 +169,23 @@ impl Shared {
         let _ = self
             .clients
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub(super) fn connection_opened(&self, shard: usize) {
+        if let Some(n) = self.connections.get(shard) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn connection_closed(&self, shard: usize) {
+        if let Some(n) = self.connections.get(shard) {
+            let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+    }
+
+    /// The shard with the fewest open connections (the lowest number among equals).
+    pub(super) fn least_loaded(&self) -> usize {
+        least_loaded(self.connections.iter().map(|n| n.load(Ordering::Relaxed)))
     }
 
     pub(super) fn shards(&self) -> usize {
@@ -331,6 +357,14 @@ pub(super) fn merge_shards(each: &[ServerStats]) -> ServerStats {
     total
 }
 
+/// The index of the smallest load (the first among equals); 0 when there is none.
+pub(super) fn least_loaded(loads: impl Iterator<Item = usize>) -> usize {
+    loads
+        .enumerate()
+        .min_by_key(|&(i, n)| (n, i))
+        .map_or(0, |(i, _)| i)
+}
+
 /// The shard a Socket.IO session id names: its first two hex digits.
 pub(super) fn shard_of_sid(sid: &str, shards: usize) -> Option<usize> {
     let tag = usize::from_str_radix(sid.get(..2)?, 16).ok()?;
@@ -435,6 +469,21 @@ mod tests {
         assert_eq!(shard_of_sid("zz12", 4), None);
         assert_eq!(shard_of_sid("", 4), None);
         assert_eq!(shard_of_sid("é1", 4), None);
+    }
+
+    #[test]
+    fn handoff_picks_the_shard_with_the_fewest_connections() {
+        assert_eq!(least_loaded([3, 1, 2].into_iter()), 1);
+        assert_eq!(least_loaded([2, 2, 2].into_iter()), 0);
+        assert_eq!(least_loaded([5, 4, 4].into_iter()), 1);
+        assert_eq!(least_loaded(std::iter::empty()), 0);
+        // A burst spreads exactly: each placement counts at once.
+        let mut loads = vec![0usize; 3];
+        for _ in 0..10_000 {
+            let to = least_loaded(loads.iter().copied());
+            loads[to] += 1;
+        }
+        assert_eq!(loads, [3334, 3333, 3333]);
     }
 
     #[test]
