@@ -179,6 +179,18 @@ pub struct Cli {
     #[arg(long, env = "CONDUCTOR_MAX_ROOMS", default_value_t = 1000)]
     pub max_rooms: usize,
 
+    /// How new connections reach the shards: handoff (shard 0 accepts and hands each to the
+    /// shard with the fewest connections; measured better) or reuseport (a listener per
+    /// shard, the kernel spreads them by a hash of the addresses).
+    #[arg(long, env = "CONDUCTOR_ACCEPT", value_enum, default_value_t = AcceptMode::Handoff)]
+    pub accept: AcceptMode,
+
+    /// Fan-out shards: event loops, each owning a share of the connections (1 to 256).
+    /// Default: every core where there are 1 or 2, otherwise one less than the cores, leaving
+    /// one for the timing thread.
+    #[arg(long, env = "CONDUCTOR_THREADS")]
+    pub threads: Option<usize>,
+
     /// How long a room without clients lives on, with its saved state: seconds, or a number
     /// with s, m or h (90s, 10m, 1h). main is never dropped.
     #[arg(long, env = "CONDUCTOR_ROOM_IDLE", default_value = "10m")]
@@ -310,6 +322,29 @@ pub struct Cli {
 /// directory.
 pub const DEFAULT_STATE_FILE: &str = "conductor-state.json";
 
+/// How new connections are spread over the shards (`--accept`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AcceptMode {
+    /// A `SO_REUSEPORT` listener per shard: the kernel spreads connections by a hash of
+    /// their addresses.
+    Reuseport,
+    /// Shard 0 accepts every connection and hands it to the shard with the fewest.
+    Handoff,
+}
+
+/// `--threads` at most.
+pub const MAX_THREADS: usize = 256;
+
+/// The default number of fan-out shards for a machine with `cores` cores: all of them where
+/// there are one or two (the timing thread sleeps most of the time and shares), otherwise one
+/// less, so that the timing thread has a core of its own to wake on.
+pub fn default_threads(cores: usize) -> usize {
+    match cores {
+        0..=2 => cores.max(1),
+        n => (n - 1).min(MAX_THREADS),
+    }
+}
+
 /// A one-shot tool instead of the server.
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
@@ -404,6 +439,9 @@ pub struct Config {
     /// `--room-token`s, by room.
     pub room_tokens: Vec<(RoomName, String)>,
     pub max_rooms: usize,
+    /// Fan-out shards (event loops).
+    pub threads: usize,
+    pub accept: AcceptMode,
     pub room_idle: Duration,
     pub metrics_rooms: usize,
     /// `--change-lead-ms`, when given.
@@ -478,6 +516,8 @@ pub enum ConfigError {
     StateIsDirectory(String),
     #[error("--max-rooms {0} is out of range; use 1 to 10000")]
     BadMaxRooms(usize),
+    #[error("--threads {0} is out of range; use 1 to 256 (about one per core)")]
+    BadThreads(usize),
     #[error(
         "--room-idle {0:?} is not a duration; give seconds, or e.g. 90s, 10m, 1h (1 s to 7 days)"
     )]
@@ -654,6 +694,13 @@ impl Cli {
         if !(1..=10_000).contains(&self.max_rooms) {
             return Err(ConfigError::BadMaxRooms(self.max_rooms));
         }
+        let threads = match self.threads {
+            Some(n) if (1..=MAX_THREADS).contains(&n) => n,
+            Some(n) => return Err(ConfigError::BadThreads(n)),
+            None => default_threads(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
+        };
         let room_idle = parse_duration(&self.room_idle)
             .filter(|d| (1..=7 * 24 * 3600).contains(&d.as_secs()))
             .ok_or_else(|| ConfigError::BadRoomIdle(self.room_idle.clone()))?;
@@ -683,6 +730,8 @@ impl Cli {
         Ok(Config {
             room_tokens,
             max_rooms: self.max_rooms,
+            threads,
+            accept: self.accept,
             room_idle,
             metrics_rooms: self.metrics_rooms,
             change_lead: self.change_lead_ms.map(Duration::from_millis),
@@ -736,6 +785,27 @@ fn www_dir(dir: &Path) -> Result<PathBuf, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn threads_default_to_the_cores_leaving_one_for_timing_where_there_are_more_than_two() {
+        assert_eq!(default_threads(0), 1);
+        assert_eq!(default_threads(1), 1);
+        assert_eq!(default_threads(2), 2);
+        assert_eq!(default_threads(3), 2);
+        assert_eq!(default_threads(16), 15);
+        assert_eq!(default_threads(1024), MAX_THREADS);
+        assert_eq!(parse(&["--threads", "3"]).expect("valid").threads, 3);
+        assert!(parse(&[]).expect("valid").threads >= 1);
+        for bad in ["0", "257"] {
+            assert!(
+                parse(&["--threads", bad])
+                    .unwrap_err()
+                    .to_string()
+                    .contains("--threads"),
+                "{bad}"
+            );
+        }
+    }
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {

@@ -27,7 +27,7 @@ use crate::protocol::{
     self, ClientError, HelloData, Outgoing, TickData, TimelineData, TransportData,
 };
 use crate::room::{NameError, RoomKey, RoomName};
-use crate::room_timing::{TimingCommand, TimingEvent};
+use crate::room_timing::{RoomTick, TimingCommand, TimingEvent};
 use crate::tempo::Bpm;
 use crate::tick_choice::{Audience, TickChoice};
 use crate::timeline::{Change, Planned, Timeline, is_unchanged, plan};
@@ -963,19 +963,13 @@ impl Hub {
                     .plays(tick.count);
                 let deferred = room.deferred.is_some();
                 if plays {
-                    let data = TickData::new(
-                        self.epoch_unix_ns.saturating_add(tick.deadline_ns),
-                        tick.bpm,
-                        tick.count,
-                        self.cfg.ppqn,
-                    );
                     // Bar lines as the stream has announced them: a `beats_per_bar` change
                     // moves them for `bar` members from the tick it is announced before.
                     let beats_per_bar = room.announced.unwrap_or(room.timeline).beats_per_bar;
                     fx.push(Effect::Broadcast {
                         room: tick.room,
                         to: Audience::for_tick(tick.count, self.cfg.ppqn, beats_per_bar),
-                        event: protocol::tick(&data),
+                        event: tick_event(self.epoch_unix_ns, self.cfg.ppqn, &tick),
                     });
                 }
                 if deferred {
@@ -993,34 +987,22 @@ impl Hub {
                     // The room's first announcement: its members were greeted with it.
                     return;
                 };
-                if before == timeline {
-                    return;
-                }
-                if before.bpm != timeline.bpm || before.anchor_count != timeline.anchor_count {
+                let change = Announcement::between(&before, &timeline);
+                if change.tempo {
                     room.tempo_changes += 1;
                     self.tempo_changes += 1;
-                    if before.bpm != timeline.bpm {
-                        fx.push(Effect::Broadcast {
-                            room: key,
-                            to: Audience::EVERYONE,
-                            event: protocol::bpm_change(timeline.bpm),
-                        });
-                    }
                 }
-                if before.transport != timeline.transport {
+                if change.transport {
                     room.transport_changes += 1;
                     self.transport_changes += 1;
+                }
+                for event in change.events(&timeline) {
                     fx.push(Effect::Broadcast {
                         room: key,
                         to: Audience::EVERYONE,
-                        event: protocol::transport(&transport_data(&timeline)),
+                        event,
                     });
                 }
-                fx.push(Effect::Broadcast {
-                    room: key,
-                    to: Audience::EVERYONE,
-                    event: timeline_event(&timeline),
-                });
             }
             TimingEvent::Dropped { .. }
             | TimingEvent::Soon { .. }
@@ -1234,6 +1216,60 @@ fn transport_data(t: &Timeline) -> TransportData {
     )
 }
 
+/// The `tick` event for a tick the timing thread emitted (`epoch_unix_ns`: the unix time of
+/// the server clock's zero). Pure, so that every fan-out shard encodes the same tick the same
+/// way from the stream alone.
+pub fn tick_event(epoch_unix_ns: u64, ppqn: u32, tick: &RoomTick) -> Outgoing {
+    protocol::tick(&TickData::new(
+        epoch_unix_ns.saturating_add(tick.deadline_ns),
+        tick.bpm,
+        tick.count,
+        ppqn,
+    ))
+}
+
+/// What a room's members are told when its announced timeline changes from one to the next.
+/// Pure: the hub counts changes by it, and every fan-out shard derives its members' frames
+/// from the timing stream with it, so all of them say the same thing in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// The tempo or the anchor moved (a `tempo_changes` count).
+    pub tempo: bool,
+    /// The tempo itself changed: a `bpmChange` goes out.
+    pub bpm: bool,
+    /// Start or stop: a `transport` goes out.
+    pub transport: bool,
+    /// Anything changed at all: a `timeline` goes out.
+    pub any: bool,
+}
+
+impl Announcement {
+    pub fn between(before: &Timeline, after: &Timeline) -> Announcement {
+        Announcement {
+            tempo: before.bpm != after.bpm || before.anchor_count != after.anchor_count,
+            bpm: before.bpm != after.bpm,
+            transport: before.transport != after.transport,
+            any: before != after,
+        }
+    }
+
+    /// The events, in the order members get them: `bpmChange`, `transport`, `timeline`.
+    pub fn events(&self, after: &Timeline) -> Vec<Outgoing> {
+        let mut events = Vec::new();
+        if !self.any {
+            return events;
+        }
+        if self.bpm {
+            events.push(protocol::bpm_change(after.bpm));
+        }
+        if self.transport {
+            events.push(protocol::transport(&transport_data(after)));
+        }
+        events.push(timeline_event(after));
+        events
+    }
+}
+
 /// The `timeline` event for `t`.
 pub fn timeline_event(t: &Timeline) -> Outgoing {
     protocol::timeline(&TimelineData {
@@ -1251,7 +1287,6 @@ pub fn timeline_event(t: &Timeline) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::room_timing::RoomTick;
     use serde_json::Value;
 
     const EPOCH: u64 = 1_700_000_000_000_000_000;

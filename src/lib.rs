@@ -20,6 +20,9 @@
 //! * [`tempo`] is the pure tempo math: tick *n* is due at `anchor + floor(k · 60e9/(bpm·ppqn))`
 //!   nanoseconds, so nothing accumulates. [`transport`] is the pure start/stop rule.
 //! * [`timing`] is the only thread that decides when a tick happens. It never touches a socket.
+//! * With `--threads N` there are N event loops, *shards*, each owning a share of the sockets:
+//!   each turns its own copy of the timing stream into its members' frames ([`shard_rooms`]),
+//!   and the hub stays in one place behind one lock (`net::shards`, docs/architecture.md).
 //! * [`server`] is the only thread that touches client sockets. It never sleeps or computes tick
 //!   times; it keeps a copy of the schedule to tell clients the timeline.
 //! * [`protocol`], [`engineio`] and [`http`] are pure encode/decode and routing; [`connection`]
@@ -46,6 +49,7 @@ pub mod page_worker;
 pub mod room;
 pub mod room_timing;
 pub mod rt;
+pub mod shard_rooms;
 pub mod state;
 pub mod stats;
 pub mod tempo;

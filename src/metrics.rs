@@ -449,6 +449,40 @@ pub fn table(s: &Snapshot, rooms: &[RoomReport], metrics_rooms: usize) -> Vec<Me
             .collect(),
     ));
     t.push(row(
+        "shard_count",
+        "shards",
+        Gauge,
+        "Fan-out shards (event loops), --threads.",
+        U(s.shards.len() as u64),
+    ));
+    t.push(labelled(
+        "shards.*.clients",
+        "shard_clients",
+        Gauge,
+        "Clients on each fan-out shard.",
+        "shard",
+        s.shards
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i.to_string(), U(f.clients as u64)))
+            .collect(),
+    ));
+    t.push(Metric {
+        prom_divisor: 1e6,
+        ..labelled(
+            "shards.*.fanout_p99_us",
+            "shard_fanout_p99_seconds",
+            Gauge,
+            "Each shard's fan-out p99, from a tick's deadline to its last byte written.",
+            "shard",
+            s.shards
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (i.to_string(), Scalar::F(f.fanout_p99_ns as f64 / 1e3)))
+                .collect(),
+        )
+    });
+    t.push(row(
         "room_count",
         "rooms",
         Gauge,
@@ -720,6 +754,7 @@ mod tests {
             silent_for: None,
             cluster,
             stats: st,
+            shards: &[],
         }
     }
 

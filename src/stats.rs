@@ -34,6 +34,7 @@ pub fn silence(since_last_tick: Duration, interval_ns: f64, playing: bool) -> Op
 }
 
 /// A latency distribution in nanoseconds, 1 ns to 60 s at two significant figures (1%).
+#[derive(Clone)]
 pub struct LatencyHistogram(Histogram<u64>);
 
 impl Default for LatencyHistogram {
@@ -48,6 +49,13 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     pub fn record(&mut self, ns: u64) {
         self.0.saturating_record(ns.max(1));
+    }
+
+    /// Adds another distribution's samples (another shard's).
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        // Same bounds on both sides, so adding cannot fail; were it to, the samples of that
+        // shard are left out rather than the report.
+        let _ = self.0.add(&other.0);
     }
 
     pub fn summary(&self) -> Percentiles {
@@ -215,7 +223,7 @@ impl RefuseReason {
 }
 
 /// Everything the loop counts.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct ServerStats {
     /// Emission minus deadline, per tick (timing thread).
     pub lateness: LatencyHistogram,
@@ -324,6 +332,35 @@ impl ServerStats {
         &self.http_responses
     }
 
+    /// Adds another fan-out shard's figures to these: its clients, messages, closes,
+    /// refusals, responses, and its fan-out and hand-off distributions. What the timing
+    /// thread's stream says (ticks, lateness) and the hub's change counts are the same on
+    /// every shard, so they are kept from `self` rather than counted once per shard.
+    pub fn merge_shard(&mut self, other: &ServerStats) {
+        self.fanout.merge(&other.fanout);
+        self.handoff.merge(&other.handoff);
+        self.messages_sent += other.messages_sent;
+        self.connections_accepted += other.connections_accepted;
+        self.client_errors += other.client_errors;
+        self.clients += other.clients;
+        for (mine, theirs) in self.clients_by_kind.iter_mut().zip(other.clients_by_kind) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.closed.iter_mut().zip(other.closed) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.refused.iter_mut().zip(other.refused) {
+            *mine += theirs;
+        }
+        for &(status, n) in &other.http_responses {
+            match self.http_responses.iter_mut().find(|(s, _)| *s == status) {
+                Some((_, mine)) => *mine += n,
+                None => self.http_responses.push((status, n)),
+            }
+        }
+        self.http_responses.sort_unstable();
+    }
+
     pub fn closed(&self, reason: CloseReason) -> u64 {
         CloseReason::ALL
             .iter()
@@ -351,7 +388,18 @@ pub struct Snapshot<'a> {
     pub silent_for: Option<Duration>,
     /// With `--cluster`: Redis, peers, timeline version, last change's lead.
     pub cluster: Option<crate::cluster::ClusterStatus>,
+    /// Every shard's figures added up.
     pub stats: &'a ServerStats,
+    /// Each fan-out shard's own, in shard order.
+    pub shards: &'a [ShardFigures],
+}
+
+/// One fan-out shard's figures in `/stats` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardFigures {
+    pub clients: usize,
+    /// Its fan-outs' p99, deadline to last byte, in ns.
+    pub fanout_p99_ns: u64,
 }
 
 /// The `/stats` document.
@@ -676,7 +724,36 @@ mod tests {
             silent_for: None,
             cluster: None,
             stats,
+            shards: &[],
         }
+    }
+
+    #[test]
+    fn shards_add_up_but_the_timing_stream_counts_once() {
+        let mut a = ServerStats::default();
+        let mut b = ServerStats::default();
+        for st in [&mut a, &mut b] {
+            st.record_tick(10);
+            st.client_opened(ClientKind::Ws);
+            st.count_http(200);
+            st.fanout.record(1_000);
+            st.messages_sent += 5;
+        }
+        b.client_opened(ClientKind::Ws);
+        b.client_closed(ClientKind::Ws, CloseReason::ClientClosed);
+        b.count_refused(RefuseReason::MaxClients);
+        b.count_http(404);
+        b.fanout.record(9_000_000);
+        a.merge_shard(&b);
+        assert_eq!(a.clients, 2);
+        assert_eq!(a.clients_of(ClientKind::Ws), 2);
+        assert_eq!(a.messages_sent, 10);
+        assert_eq!(a.closed(CloseReason::ClientClosed), 1);
+        assert_eq!(a.refused(RefuseReason::MaxClients), 1);
+        assert_eq!(a.http_responses(), &[(200, 2), (404, 1)]);
+        assert_eq!(a.fanout.summary().count, 3);
+        assert!(a.fanout.summary().max >= 9_000_000);
+        assert_eq!(a.ticks_emitted, 1);
     }
 
     #[test]

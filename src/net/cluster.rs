@@ -65,14 +65,18 @@ impl Server {
         let Some(name) = self.cfg.cluster.as_ref().map(|(_, name, _)| name.clone()) else {
             return;
         };
-        let main = self.hub.main();
+        let main = self.shared.control().hub.main();
         let give_up = Instant::now() + CLUSTER_JOIN_WAIT;
-        while !self.hub.is_ready(main) && Instant::now() < give_up {
+        while !self.shared.control().hub.is_ready(main) && Instant::now() < give_up {
             self.drain_cluster();
             std::thread::sleep(Duration::from_millis(2));
         }
-        match self.hub.timeline(main) {
-            Some(t) if self.hub.is_ready(main) => info!(
+        let (timeline, ready) = {
+            let control = self.shared.control();
+            (control.hub.timeline(main), control.hub.is_ready(main))
+        };
+        match timeline {
+            Some(t) if ready => info!(
                 "cluster {name}: joined timeline version {} at {} BPM",
                 t.version, t.bpm
             ),
@@ -82,8 +86,8 @@ impl Server {
                      until it answers",
                     CLUSTER_JOIN_WAIT.as_secs()
                 );
-                self.hub
-                    .start_waiting(main, self.clock.now_ns(), &mut self.fx);
+                let now_ns = self.clock.now_ns();
+                self.decide(|hub, fx| hub.start_waiting(main, now_ns, fx));
                 self.settle_hub();
             }
         }
@@ -102,16 +106,19 @@ impl Server {
             match event {
                 ClusterEvent::Status(status) => {
                     link.status = status;
-                    self.hub.set_cluster_status(status.connected, status.fault);
+                    let mut control = self.shared.control();
+                    control.cluster = Some(status);
+                    control
+                        .hub
+                        .set_cluster_status(status.connected, status.fault);
                 }
                 ClusterEvent::Adopt { room, timeline } => {
                     // `check`ed by the cluster thread against this instance's limits.
                     let timeline = cluster::to_timeline(&timeline, self.cfg.beats_per_bar);
-                    self.hub
-                        .cluster_timeline(room, timeline, now_ns, &mut self.fx);
+                    self.decide(|hub, fx| hub.cluster_timeline(room, timeline, now_ns, fx));
                 }
                 ClusterEvent::Answer { id, outcome } => {
-                    self.hub.cluster_answer(id, outcome, &mut self.fx);
+                    self.decide(|hub, fx| hub.cluster_answer(id, outcome, fx));
                 }
             }
             self.settle_hub();
@@ -156,7 +163,7 @@ impl Server {
         if !link.thread.send(id, request) {
             warn!("cluster thread not keeping up with requests; one refused");
             if is_change {
-                self.hub.cluster_answer(id, Outcome::Lost, &mut self.fx);
+                self.decide(|hub, fx| hub.cluster_answer(id, Outcome::Lost, fx));
                 self.settle_hub();
             }
         }

@@ -86,12 +86,12 @@ impl Server {
     pub(super) fn fan_out(&mut self, job: &Job) {
         let mut members = std::mem::take(&mut self.members);
         members.clear();
-        members.extend(self.hub.members(job.room, job.to));
+        members.extend(self.rooms.members(job.room, job.to));
         let mut encoded = Encoded::default();
         // A room's named namespace is `/NAME` (`/main` for a client that named main).
         let room_nsp = self
-            .hub
-            .room_name(job.room)
+            .rooms
+            .name(job.room)
             .map(|name| format!("/{name}"))
             .unwrap_or_default();
         let limit = self.cfg.max_queue;

@@ -50,11 +50,7 @@ impl Server {
             // GET of the same URL (what conductor.js asks when a WebSocket fails to open, since
             // a browser's WebSocket cannot read a refusal) gets their refusal too.
             HttpRoute::WebSocket => match (
-                self.hub.check_join(
-                    http::query_param(&req.query, "room")
-                        .as_deref()
-                        .filter(|r| !r.is_empty()),
-                ),
+                self.check_join(&req),
                 TickChoice::from_param(http::query_param(&req.query, "ticks").as_deref()),
             ) {
                 (Ok(room), Ok(ticks)) => match self.check_ws_upgrade(&req) {
@@ -232,15 +228,22 @@ impl Server {
             .json()
     }
 
+    /// Whether the hub would let a `/ws` client into the room its request names.
+    fn check_join(&self, req: &Request) -> Result<RoomName, JoinError> {
+        let room = http::query_param(&req.query, "room");
+        let room = room.as_deref().filter(|r| !r.is_empty());
+        self.shared.control().hub.check_join(room)
+    }
+
     /// The WebSocket handshake checks shared by `/ws` and `/socket.io/`: a valid upgrade, and
     /// room for one more client. Returns the accept key, or the refusal to send.
     pub(super) fn check_ws_upgrade(&mut self, req: &Request) -> Result<String, (u16, Vec<u8>)> {
         match http::check_upgrade(req) {
-            Ok(_) if self.stats.clients >= self.cfg.max_clients => {
+            Ok(_) if self.clients_everywhere() >= self.cfg.max_clients => {
                 self.stats.count_refused(RefuseReason::MaxClients);
                 let message = format!(
                     "server full: {} clients connected; try again later",
-                    self.stats.clients
+                    self.clients_everywhere()
                 );
                 Err((503, http::text_error(503, &message)))
             }

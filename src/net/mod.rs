@@ -30,6 +30,7 @@ mod fanout;
 pub mod heartbeat;
 mod http;
 mod reactor;
+mod shards;
 mod socketio;
 mod ws;
 

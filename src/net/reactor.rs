@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -24,29 +25,34 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
 use crate::cluster;
-use crate::config::Config;
+use crate::config::{AcceptMode, Config};
 use crate::connection::{Connection, HeadRead, Rate, RateLimit, State, WsRead};
-use crate::hub::{ClientId, Effect, Hub, HubConfig};
+use crate::hub::{ClientId, Effect, Hub, HubConfig, JoinError};
 use crate::lead::{self, LeadPolicy};
 use crate::metrics;
 use crate::page_worker::PageWorker;
 use crate::room::RoomName;
 use crate::room_timing::{Realtime, TimingConfig, TimingEvent, TimingEvents, TimingThread};
 use crate::rt;
+use crate::shard_rooms::{Broadcast as RoomBroadcast, ShardRooms};
 use crate::state::{self, Persisted, SavedRoom, StateWriter};
-use crate::stats::{self, CloseReason, RefuseReason, ServerStats, Snapshot};
+use crate::stats::{
+    self, ClientKind, CloseReason, RefuseReason, ServerStats, ShardFigures, Snapshot,
+};
 use crate::tempo::Bpm;
+use crate::tick_choice::TickChoice;
 use crate::timeline::Timeline;
 use crate::transport::TransportState;
 use crate::wire::engineio::{self};
-use crate::wire::http::{self};
+use crate::wire::http::{self, Request};
 use crate::wire::protocol::{self, ClientError, Outgoing, SharedFrame};
 use crate::www;
 
 use super::cluster::*;
-use super::eio::{AddressCounts, ConnKey, EioSession};
+use super::eio::{ConnKey, EioSession};
 use super::fanout::*;
 use super::heartbeat::{Beat, Heartbeat};
+use super::shards::{self, Forward, Shared};
 
 pub(super) const LISTENER: Token = Token(usize::MAX - 1);
 pub(super) const WAKER: Token = Token(usize::MAX - 2);
@@ -129,6 +135,16 @@ pub(super) struct Route {
 }
 
 pub struct Server {
+    /// This shard's number (0 holds the cluster link and the state writer).
+    pub(super) shard: usize,
+    /// The hub and what the shards share ([`super::shards`]).
+    pub(super) shared: Arc<Shared>,
+    /// This shard's members and the rooms' announced timelines, from the timing stream.
+    pub(super) rooms: ShardRooms,
+    /// What the timing stream means for this shard's members, taken per event.
+    pub(super) broadcasts: Vec<RoomBroadcast>,
+    /// The other shards, until `run` starts them (shard 0 only).
+    pub(super) others: Vec<Server>,
     pub(super) cfg: Config,
     pub(super) poll: Poll,
     pub(super) listener: Option<TcpListener>,
@@ -138,13 +154,11 @@ pub struct Server {
     pub(super) sids: HashMap<String, usize>,
     /// By the hub client's slot.
     pub(super) routes: Vec<Option<Route>>,
-    pub(super) hub: Hub,
     /// The hub's effects, taken and carried out after each call.
     pub(super) fx: Vec<Effect>,
     pub(super) jobs: VecDeque<Job>,
     /// A job's members, copied so that pauses may change the room.
     pub(super) members: Vec<ClientId>,
-    pub(super) timing: Option<TimingThread>,
     pub(super) timing_events: TimingEvents,
     pub(super) signals: Signals,
     pub(super) clock: Clock,
@@ -170,8 +184,6 @@ pub struct Server {
     pub(super) pages: PageWorker,
     /// The LAN addresses `/join` lists, and when they were listed.
     pub(super) join_cache: Option<(Instant, Vec<std::net::IpAddr>)>,
-    /// Long-polling sessions per client address, against `--max-sessions-per-ip`.
-    pub(super) session_addresses: AddressCounts,
     /// Socket.IO callbacks waiting for the cluster's answer: the hub's ask id, the session and
     /// its ack id.
     pub(super) acks: HashMap<u64, (usize, u64)>,
@@ -187,18 +199,39 @@ impl Server {
     /// the rooms the state file had. Ticks start flowing at once; `run` sends them.
     pub fn bind(cfg: Config) -> Result<Server, ServerError> {
         let addr = SocketAddr::new(cfg.bind, cfg.port);
-        let mut listener =
-            TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        let local_addr = listener.local_addr().map_err(ServerError::Poll)?;
-        let poll = Poll::new().map_err(ServerError::Poll)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(ServerError::Poll)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
-        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(ServerError::Signals)?;
+        // One listener per shard on one port (SO_REUSEPORT): the first picks the port.
+        let mut loops = Vec::with_capacity(cfg.threads.max(1));
+        let mut local_addr = addr;
+        for shard in 0..cfg.threads.max(1) {
+            let poll = Poll::new().map_err(ServerError::Poll)?;
+            // With --accept handoff only shard 0 listens.
+            let listener = if shard == 0 || cfg.accept == AcceptMode::Reuseport {
+                let bind_to = if shard == 0 { addr } else { local_addr };
+                let std_listener =
+                    shards::listen_shared(bind_to).map_err(|source| ServerError::Bind {
+                        addr: bind_to,
+                        source,
+                    })?;
+                if shard == 0 {
+                    local_addr = std_listener.local_addr().map_err(ServerError::Poll)?;
+                }
+                let mut listener = TcpListener::from_std(std_listener);
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)
+                    .map_err(ServerError::Poll)?;
+                Some(listener)
+            } else {
+                None
+            };
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(ServerError::Poll)?);
+            let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+            poll.registry()
+                .register(&mut signals, SIGNALS, Interest::READABLE)
+                .map_err(ServerError::Signals)?;
+            loops.push((poll, listener, waker, signals));
+        }
+        let wakers: Vec<Arc<Waker>> = loops.iter().map(|l| Arc::clone(&l.2)).collect();
+        let waker = Arc::clone(&wakers[0]);
         let clock = Clock::start();
         // The state file's rooms, unless a cluster's shared timelines win (they do: in a
         // cluster what was saved is only the seed).
@@ -232,8 +265,6 @@ impl Server {
                 );
             }
         }
-        let pages =
-            PageWorker::spawn(cfg.www.clone(), Arc::clone(&waker)).map_err(ServerError::Pages)?;
         let realtime = Realtime {
             fifo_priority: cfg.rt_priority,
             prewake: cfg.prewake,
@@ -244,12 +275,8 @@ impl Server {
             ring: TimingConfig::ring_for(cfg.max_rooms, cfg.max_bpm, cfg.ppqn),
             realtime,
         };
-        let (timing, mut streams) =
-            TimingThread::spawn(timing_cfg, clock, vec![Arc::clone(&waker)])
-                .map_err(ServerError::Timing)?;
-        let timing_events = streams
-            .pop()
-            .ok_or_else(|| ServerError::Timing(io::Error::other("no event stream")))?;
+        let (timing, streams) =
+            TimingThread::spawn(timing_cfg, clock, wakers.clone()).map_err(ServerError::Timing)?;
         let cluster = match &cfg.cluster {
             None => None,
             Some((url, name, lead)) => Some(start_cluster(&cfg, url, name, *lead, &waker)?),
@@ -278,44 +305,65 @@ impl Server {
         };
         let mut fx = Vec::new();
         let hub = Hub::new(hub_cfg, clock.unix_ns(0), clock.now_ns(), restored, &mut fx);
-        let mut server = Server {
-            cfg,
-            poll,
-            listener: Some(listener),
-            local_addr,
-            socks: Slab::new(),
-            sessions: Slab::new(),
-            sids: HashMap::new(),
-            routes: Vec::new(),
-            hub,
-            fx: Vec::new(),
-            jobs: VecDeque::new(),
-            members: Vec::new(),
-            timing: Some(timing),
-            timing_events,
-            signals,
-            clock,
-            stats: ServerStats::default(),
-            started: Instant::now(),
-            fanout_events: Some(Events::with_capacity(256)),
-            cluster,
-            accept_paused_until: None,
-            fd_limit_logged: false,
-            shutdown_by: None,
-            busy_poll_until: None,
-            readable_again: Vec::new(),
-            finished: Vec::new(),
-            eio_ping: protocol::text_frame("2"),
-            state: None,
-            pages,
-            join_cache: None,
-            session_addresses: AddressCounts::default(),
-            acks: HashMap::new(),
-            housekeeping_round: 0,
-            skips_unlogged: 0,
-            skip_logged_at: None,
-        };
-        server.carry_out(fx);
+        let shared = Arc::new(Shared::new(hub, timing, wakers));
+        let mut shards = Vec::with_capacity(loops.len());
+        let mut cluster = cluster;
+        for (shard, ((poll, listener, waker, signals), timing_events)) in
+            loops.into_iter().zip(streams).enumerate()
+        {
+            let pages = PageWorker::spawn(cfg.www.clone(), Arc::clone(&waker))
+                .map_err(ServerError::Pages)?;
+            shards.push(Server {
+                shard,
+                shared: Arc::clone(&shared),
+                rooms: ShardRooms::new(clock.unix_ns(0), cfg.ppqn),
+                broadcasts: Vec::new(),
+                others: Vec::new(),
+                cfg: cfg.clone(),
+                poll,
+                listener,
+                local_addr,
+                socks: Slab::new(),
+                sessions: Slab::new(),
+                sids: HashMap::new(),
+                routes: Vec::new(),
+                fx: Vec::new(),
+                jobs: VecDeque::new(),
+                members: Vec::new(),
+                timing_events,
+                signals,
+                clock,
+                stats: ServerStats::default(),
+                started: Instant::now(),
+                fanout_events: Some(Events::with_capacity(256)),
+                cluster: if shard == 0 { cluster.take() } else { None },
+                accept_paused_until: None,
+                fd_limit_logged: false,
+                shutdown_by: None,
+                busy_poll_until: None,
+                readable_again: Vec::new(),
+                finished: Vec::new(),
+                eio_ping: protocol::text_frame("2"),
+                state: None,
+                pages,
+                join_cache: None,
+                acks: HashMap::new(),
+                housekeeping_round: 0,
+                skips_unlogged: 0,
+                skip_logged_at: None,
+            });
+        }
+        if shards.is_empty() {
+            return Err(ServerError::Poll(io::Error::other("no event loop")));
+        }
+        let mut server = shards.remove(0);
+        server.others = shards;
+        server.shared.control().cluster = server.cluster.as_ref().map(|l| l.status);
+        // The hub's first effects (every room's Add), sent to the timing thread in order.
+        server
+            .shared
+            .decide(0, &mut server.fx, |_, decided| decided.append(&mut fx));
+        server.settle_hub();
         server.join_cluster();
         // The state file is written from here on, starting with what the rooms are now.
         if let (Some(path), true) = (&server.cfg.state_file, startup.may_write) {
@@ -340,7 +388,7 @@ impl Server {
     pub(super) fn persisted(&self) -> Persisted {
         let mut rooms = Vec::new();
         let mut main = None;
-        for (name, timeline) in self.hub.persisted() {
+        for (name, timeline) in self.shared.control().hub.persisted() {
             let shared = cluster::from_timeline(&timeline);
             if name.is_main() {
                 main = Some((shared, timeline.beats_per_bar));
@@ -385,13 +433,45 @@ impl Server {
 
     /// The tempo `main` ticks at now.
     pub fn bpm(&self) -> Bpm {
-        self.hub
-            .timeline(self.hub.main())
+        let control = self.shared.control();
+        control
+            .hub
+            .timeline(control.hub.main())
             .map_or(self.cfg.bpm, |t| t.bpm)
     }
 
-    /// Runs until SIGTERM or SIGINT, then closes every client with 1001 and returns.
+    /// Runs every shard until SIGTERM or SIGINT, then closes every client with 1001 and
+    /// returns: shards 1… on threads of their own, shard 0 on this one.
     pub fn run(mut self) -> Result<(), ServerError> {
+        let mut handles = Vec::new();
+        for mut other in std::mem::take(&mut self.others) {
+            let name = format!("conductor-shard-{}", other.shard);
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || other.serve())
+                .map_err(ServerError::Poll)?;
+            handles.push(handle);
+        }
+        let result = self.serve();
+        for handle in handles {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("a shard stopped: {e}"),
+                Err(_) => error!("a shard panicked"),
+            }
+        }
+        let timing = self.shared.control().timing.take();
+        if let Some(timing) = timing {
+            timing.stop();
+        }
+        if let Some(writer) = self.state.take() {
+            writer.stop();
+        }
+        result
+    }
+
+    /// One shard's loop, until shutdown.
+    fn serve(&mut self) -> Result<(), ServerError> {
         // The loop runs just below the timing thread: a tick's fan-out is not held back by
         // ordinary processes, and never by the loop's own clients' noise.
         if self.cfg.rt_priority > 1 {
@@ -423,7 +503,9 @@ impl Server {
                 }
                 return Err(ServerError::Poll(e));
             }
+            self.shared.publish_if_wanted(self.shard, &self.stats);
             self.drain_timing();
+            self.drain_inbox();
             self.drain_cluster();
             self.drain_pages();
             self.run_jobs();
@@ -454,13 +536,10 @@ impl Server {
         for key in keys {
             self.remove(key);
         }
-        if let Some(timing) = self.timing.take() {
-            timing.stop();
-        }
-        if let Some(writer) = self.state.take() {
-            writer.stop();
-        }
-        info!("shutdown complete ({left} connections cut at the deadline)");
+        info!(
+            "shard {}: shutdown complete ({left} connections cut at the deadline)",
+            self.shard
+        );
         Ok(())
     }
 
@@ -485,22 +564,9 @@ impl Server {
         for effect in fx {
             match effect {
                 Effect::Reply { client, event } => self.reply(client, &event),
-                Effect::Broadcast { room, to, event } => {
-                    if self.shutdown_by.is_none() {
-                        self.jobs.push_back(Job {
-                            room,
-                            to,
-                            event,
-                            deadline_ns: None,
-                        });
-                    }
-                }
-                Effect::Timing(command) => {
-                    let sent = self.timing.as_mut().is_some_and(|t| t.send(command));
-                    if !sent {
-                        warn!("timing thread not keeping up with commands; {command:?} lost");
-                    }
-                }
+                // Every shard derives its members' broadcasts from the timing stream, and
+                // `Shared::decide` has sent timing commands already.
+                Effect::Broadcast { .. } | Effect::Timing(_) => {}
                 Effect::Cluster(ask) => self.ask_cluster(ask),
                 Effect::Persist => self.save_state(),
                 Effect::Answer {
@@ -515,10 +581,123 @@ impl Server {
         }
     }
 
-    /// Takes the effects a hub call pushed and carries them out.
+    /// Takes the effects a hub call left for this shard and carries them out; on shard 0,
+    /// also the cluster requests and saves any shard's decisions queued for it, in order.
     pub(super) fn settle_hub(&mut self) {
         let fx = std::mem::take(&mut self.fx);
         self.carry_out(fx);
+        if self.shard == 0 {
+            let queued: Vec<Effect> = self.shared.control().for_shard0.drain(..).collect();
+            if !queued.is_empty() {
+                self.carry_out(queued);
+            }
+        }
+    }
+
+    /// One hub decision, made under the control lock for this shard ([`Shared::decide`]);
+    /// its effects for this shard stay in `self.fx` for [`Self::settle_hub`].
+    pub(super) fn decide<R>(&mut self, f: impl FnOnce(&mut Hub, &mut Vec<Effect>) -> R) -> R {
+        self.shared.decide(self.shard, &mut self.fx, |control, fx| {
+            f(&mut control.hub, fx)
+        })
+    }
+
+    /// A client of this shard joins a room: the hub decides, and the client is known to live
+    /// here before any other shard's decision can address it.
+    /// (Takes the fields it needs, so that a caller may hold a socket or session meanwhile.)
+    pub(super) fn join_room(
+        shared: &Shared,
+        shard: usize,
+        fx: &mut Vec<Effect>,
+        rooms: &mut ShardRooms,
+        room: Option<&str>,
+        tokens: &[&str],
+        ticks: Option<TickChoice>,
+        now_ns: u64,
+    ) -> Result<ClientId, JoinError> {
+        let joined = shared.decide(shard, fx, |control, fx| {
+            let joined = control.hub.join(room, tokens, ticks, now_ns, fx);
+            if let Ok(client) = joined {
+                control.set_home(client, shard);
+                let key = control.hub.room_of(client);
+                let name = key.and_then(|k| control.hub.room_name(k).cloned());
+                return joined.map(|c| (c, key.zip(name)));
+            }
+            joined.map(|c| (c, None))
+        })?;
+        let (client, seat) = joined;
+        if let Some((key, name)) = seat {
+            rooms.join(client, key, name, ticks.unwrap_or_default());
+        }
+        Ok(client)
+    }
+
+    /// What other shards handed this one: replies and answers for its clients, and
+    /// connections for its Socket.IO sessions.
+    pub(super) fn drain_inbox(&mut self) {
+        for forward in self.shared.take_inbox(self.shard) {
+            match forward {
+                Forward::Reply { client, event } => self.reply(client, &event),
+                Forward::Answer {
+                    ask,
+                    client,
+                    result,
+                } => {
+                    let ack = self.acks.remove(&ask).map(|(_, ack)| ack);
+                    self.conclude(client, ack, result);
+                }
+                Forward::Connection { conn, req } => self.adopt(*conn, *req),
+                Forward::Accepted { sock, peer } => self.add_connection(sock, peer),
+            }
+        }
+    }
+
+    /// A connection another shard handed over: it is registered here and its request served.
+    pub(super) fn adopt(&mut self, mut conn: Connection, req: Request) {
+        let entry = self.socks.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            conn.socket(),
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot take over a connection from {}: {e}", conn.peer);
+            return;
+        }
+        self.shared.connection_opened(self.shard);
+        entry.insert(Socket {
+            conn,
+            owner: Owner::Http,
+        });
+        self.on_request(key, req, Instant::now());
+        self.drive(key, true, true);
+    }
+
+    /// Hands connection `key`, whose request `req` names a session on `shard`, to that shard.
+    pub(super) fn hand_over(&mut self, key: usize, req: &Request, shard: usize) {
+        let Some(mut s) = self.socks.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(s.conn.socket());
+        self.shared.connection_closed(self.shard);
+        self.shared.send(
+            shard,
+            Forward::Connection {
+                conn: Box::new(s.conn),
+                req: Box::new(req.clone()),
+            },
+        );
+    }
+
+    /// A client of this shard is gone.
+    pub(super) fn client_closed(&mut self, kind: ClientKind, reason: CloseReason) {
+        self.stats.client_closed(kind, reason);
+        self.shared.client_gone();
+    }
+
+    /// Clients over every shard, against `--max-clients`.
+    pub(super) fn clients_everywhere(&self) -> usize {
+        self.shared.clients.load(Ordering::Relaxed)
     }
 
     pub(super) fn route(&self, client: ClientId) -> Option<Via> {
@@ -545,7 +724,8 @@ impl Server {
     /// the cluster's answer to one of its requests).
     pub(super) fn forget(&mut self, client: ClientId) {
         let now_ns = self.clock.now_ns();
-        for ask in self.hub.leave(client, now_ns, &mut self.fx) {
+        self.rooms.leave(client);
+        for ask in self.decide(|hub, fx| hub.leave(client, now_ns, fx)) {
             self.acks.remove(&ask);
         }
         self.settle_hub();
@@ -584,15 +764,18 @@ impl Server {
 
     // ---- timing and cluster ----
 
-    /// Takes every event the timing thread has queued, in order, and turns them into jobs.
+    /// Takes every event the timing thread has queued, in order, and turns them into jobs
+    /// for this shard's members. Shard 0 also hands each event to the hub (its counts, the
+    /// deferred changes), under the control lock; the other shards never take it per tick.
     pub(super) fn drain_timing(&mut self) {
+        let mut broadcasts = std::mem::take(&mut self.broadcasts);
         while let Ok(event) = self.timing_events.pop() {
             let now_ns = self.clock.now_ns();
             match event {
                 TimingEvent::Tick(tick) => {
                     self.busy_poll_until = None;
                     self.stats.record_tick(tick.lateness_ns());
-                    if tick.lateness_ns() > stats::LATE_TICK_NS {
+                    if self.shard == 0 && tick.lateness_ns() > stats::LATE_TICK_NS {
                         debug!(
                             "late tick count={} lateness_us={}",
                             tick.count,
@@ -602,30 +785,25 @@ impl Server {
                     self.stats
                         .handoff
                         .record(now_ns.saturating_sub(tick.emitted_ns));
-                    let jobs_before = self.jobs.len();
-                    self.hub.on_timing(&event, now_ns, &mut self.fx);
-                    self.settle_hub();
-                    // The tick's own broadcast: measure its fan-out against the deadline.
-                    if let Some(job) = self.jobs.get_mut(jobs_before)
-                        && job.event.name == "tick"
-                    {
-                        job.deadline_ns = Some(tick.deadline_ns);
-                    }
                 }
                 TimingEvent::Soon { deadline_ns } => {
                     // Poll without sleeping until the tick is here (bounded, in case a change
                     // moves it later).
                     self.busy_poll_until = Some(self.clock.instant(deadline_ns) + BUSY_POLL_GRACE);
                 }
-                TimingEvent::Skipped { ticks, to, .. } => self.on_skip(ticks, to),
-                TimingEvent::Exhausted { room } => error!(
+                TimingEvent::Skipped { ticks, to, .. } if self.shard == 0 => {
+                    self.on_skip(ticks, to)
+                }
+                TimingEvent::Exhausted { room } if self.shard == 0 => error!(
                     "timing: room {}'s tick count reached its end (u64::MAX); no ticks there \
                      until its timeline changes",
-                    self.hub
+                    self.shared
+                        .control()
+                        .hub
                         .room_name(room)
                         .map_or_else(|| "?".to_string(), ToString::to_string)
                 ),
-                TimingEvent::Timeline { timeline, .. } => {
+                TimingEvent::Timeline { timeline, .. } if self.shard == 0 => {
                     info!(
                         "timeline v{}: {} BPM from tick {}, {} from tick {}",
                         timeline.version,
@@ -634,14 +812,32 @@ impl Server {
                         timeline.transport.state(),
                         timeline.transport.from_count()
                     );
-                    self.hub.on_timing(&event, now_ns, &mut self.fx);
-                    self.settle_hub();
                 }
-                TimingEvent::Dropped { .. } => {}
+                _ => {}
             }
+            if self.shard == 0 && !matches!(event, TimingEvent::Soon { .. }) {
+                self.decide(|hub, fx| hub.on_timing(&event, now_ns, fx));
+                self.settle_hub();
+            }
+            self.rooms.on_timing(&event, &mut broadcasts);
+            if self.shutdown_by.is_none() {
+                for b in broadcasts.drain(..) {
+                    self.jobs.push_back(Job {
+                        room: b.room,
+                        to: b.to,
+                        event: b.event,
+                        deadline_ns: b.tick_deadline_ns,
+                    });
+                }
+            }
+            broadcasts.clear();
         }
-        self.stats.tempo_changes = self.hub.tempo_changes();
-        self.stats.transport_changes = self.hub.transport_changes();
+        self.broadcasts = broadcasts;
+        if self.shard == 0 {
+            let control = self.shared.control();
+            self.stats.tempo_changes = control.hub.tempo_changes();
+            self.stats.transport_changes = control.hub.transport_changes();
+        }
     }
 
     /// The timing thread fell behind and skipped ticks. Said once, then at most once per
@@ -675,7 +871,7 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((sock, peer)) => self.add_connection(sock, peer),
+                Ok((sock, peer)) => self.place_connection(sock, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // These concern one connection that is already gone, not the listener.
@@ -705,6 +901,23 @@ impl Server {
         }
     }
 
+    /// A connection this shard accepted: kept, or with `--accept handoff` handed to the shard
+    /// with the fewest connections (counted there at once, so a burst spreads evenly).
+    pub(super) fn place_connection(&mut self, sock: TcpStream, peer: SocketAddr) {
+        let to = if self.cfg.accept == AcceptMode::Handoff {
+            self.shared.least_loaded()
+        } else {
+            self.shard
+        };
+        self.shared.connection_opened(to);
+        if to == self.shard {
+            self.add_connection(sock, peer);
+        } else {
+            self.shared.send(to, Forward::Accepted { sock, peer });
+        }
+    }
+
+    /// Registers a connection, counted against this shard already.
     pub(super) fn add_connection(&mut self, mut sock: TcpStream, peer: SocketAddr) {
         // Ticks are tiny and latency is the point: never let Nagle hold one back.
         if let Err(e) = sock.set_nodelay(true) {
@@ -718,6 +931,7 @@ impl Server {
                 .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
         {
             warn!("cannot register connection from {peer}: {e}");
+            self.shared.connection_closed(self.shard);
             return;
         }
         let rate = RateLimit::new(self.cfg.max_messages_per_sec);
@@ -738,6 +952,7 @@ impl Server {
         if let Some(reason) = s.conn.take_close_reason() {
             if let Some(kind) = s.conn.counted.take() {
                 self.stats.client_closed(kind, reason);
+                self.shared.client_gone();
                 debug!(
                     "{} closed peer={} reason={}",
                     kind.label(),
@@ -780,6 +995,7 @@ impl Server {
         let Some(mut s) = self.socks.try_remove(key) else {
             return;
         };
+        self.shared.connection_closed(self.shard);
         // Dropping the socket closes it, which also removes it from the poll.
         let _ = self.poll.registry().deregister(s.conn.socket());
         if let Owner::Eio(skey) = s.owner
@@ -999,8 +1215,10 @@ impl Server {
             }
         }
         self.remove_finished();
-        self.hub.housekeeping(now_ns, &mut self.fx);
-        self.settle_hub();
+        if self.shard == 0 {
+            self.decide(|hub, fx| hub.housekeeping(now_ns, fx));
+            self.settle_hub();
+        }
         if let Some(writer) = self.state.as_mut() {
             writer.retry();
         }
@@ -1065,16 +1283,38 @@ impl Server {
         if self.shutdown_by.is_some() {
             return None;
         }
-        self.hub.silent_for(self.clock.now_ns())
+        let now_ns = self.clock.now_ns();
+        self.shared.control().hub.silent_for(now_ns)
     }
 
+    /// Every figure, added up over the shards whichever shard answers.
     pub(super) fn metric_table(&self) -> Vec<metrics::Metric> {
-        let main = self.hub.report(self.hub.main());
-        let rooms = self.hub.reports();
+        let (total, each) = self.shared.gather_stats(self.shard, &self.stats);
+        let (main, rooms) = {
+            let control = self.shared.control();
+            (
+                control.hub.report(control.hub.main()),
+                control.hub.reports(),
+            )
+        };
+        let shards: Vec<ShardFigures> = each
+            .iter()
+            .map(|st| ShardFigures {
+                clients: st.clients,
+                fanout_p99_ns: st.fanout.summary().p99,
+            })
+            .collect();
+        let (dropped_ticks, skipped_ticks) = {
+            let control = self.shared.control();
+            control
+                .timing
+                .as_ref()
+                .map_or((0, 0), |t| (t.dropped_ticks(), t.skipped_ticks()))
+        };
         let snapshot = Snapshot {
             bpm: main.as_ref().map_or(self.cfg.bpm, |r| r.bpm),
             ppqn: self.cfg.ppqn,
-            clients: self.stats.clients,
+            clients: total.clients,
             count: main.as_ref().map_or(0, |r| r.count),
             transport: main
                 .as_ref()
@@ -1082,11 +1322,12 @@ impl Server {
                 .label(),
             transport_count: main.as_ref().map_or(0, |r| r.transport_count),
             uptime_s: self.started.elapsed().as_secs_f64(),
-            dropped_ticks: self.timing.as_ref().map_or(0, TimingThread::dropped_ticks),
-            skipped_ticks: self.timing.as_ref().map_or(0, TimingThread::skipped_ticks),
+            dropped_ticks,
+            skipped_ticks,
             silent_for: self.silent_for(),
-            cluster: self.cluster.as_ref().map(|l| l.status),
-            stats: &self.stats,
+            cluster: self.shared.control().cluster,
+            stats: &total,
+            shards: &shards,
         };
         metrics::table(&snapshot, &rooms, self.cfg.metrics_rooms)
     }

@@ -21,6 +21,7 @@ use crate::wire::protocol::{self, ClientError, Outgoing};
 
 use super::eio::{ConnKey, EioSession, Joined, Link};
 use super::heartbeat::Heartbeat;
+use super::shards;
 
 use super::reactor::*;
 
@@ -64,6 +65,14 @@ impl Server {
         // WebSocket is reached by its socket alone: for HTTP its id is spent, as it always was.
         let session = match &query.sid {
             None => None,
+            Some(sid)
+                if shards::shard_of_sid(sid, self.shared.shards())
+                    .is_some_and(|shard| shard != self.shard) =>
+            {
+                // Its session lives on another shard: the connection goes there.
+                let shard = shards::shard_of_sid(sid, self.shared.shards()).unwrap_or(0);
+                return self.hand_over(key, &req, shard);
+            }
             Some(sid) => match self.sids.get(sid) {
                 Some(&skey)
                     if self
@@ -169,7 +178,7 @@ impl Server {
         ticks: Option<TickChoice>,
     ) -> Option<usize> {
         let sid = match engineio::new_sid() {
-            Ok(sid) => sid,
+            Ok(random) => shards::tag_sid(&random, self.shard),
             Err(e) => {
                 warn!("no randomness for a session id: {e}");
                 return None;
@@ -266,15 +275,16 @@ impl Server {
         now: Instant,
     ) {
         let extra: Vec<&str> = cors.iter().map(String::as_str).collect();
-        if self.stats.clients >= self.cfg.max_clients
-            || self.session_addresses.total() >= self.cfg.max_polling_sessions
+        if self.clients_everywhere() >= self.cfg.max_clients
+            || shards::lock(&self.shared.session_addresses).total() >= self.cfg.max_polling_sessions
         {
             self.stats.count_refused(RefuseReason::MaxClients);
             let body = r#"{"code":3,"message":"Server full; try again later"}"#;
             let bytes = http::response_with(503, "application/json", &extra, body.as_bytes());
             return self.respond(key, req, 503, bytes, now);
         }
-        if self.session_addresses.held(client) >= self.cfg.max_sessions_per_ip {
+        if shards::lock(&self.shared.session_addresses).held(client) >= self.cfg.max_sessions_per_ip
+        {
             self.stats.count_refused(RefuseReason::SessionsPerIp);
             let body = format!(
                 r#"{{"code":3,"message":"{} sessions from your address already; try again later"}}"#,
@@ -288,8 +298,7 @@ impl Server {
             let bytes = http::text_error(503, "cannot create a session; try again");
             return self.respond(key, req, 503, bytes, now);
         };
-        self.session_addresses
-            .try_add(client, self.cfg.max_sessions_per_ip);
+        shards::lock(&self.shared.session_addresses).try_add(client, self.cfg.max_sessions_per_ip);
         self.sessions[skey].holds_address_place = true;
         let sid = self.sessions[skey].sid.clone();
         let open = self.open_packet(&sid, &["websocket"]);
@@ -419,7 +428,7 @@ impl Server {
                 if let Some(rtt) = session.heartbeat.answered(now_ns)
                     && let Some(joined) = &session.joined
                 {
-                    self.hub.round_trip(joined.client, rtt);
+                    self.shared.control().hub.round_trip(joined.client, rtt);
                 }
             }
             Packet::Ping("probe") if from_prober => {
@@ -494,7 +503,7 @@ impl Server {
         // No longer a long-polling session: its address's place is free again.
         if session.holds_address_place {
             session.holds_address_place = false;
-            self.session_addresses.remove(session.peer);
+            shards::lock(&self.shared.session_addresses).remove(session.peer);
         }
         if let Some(kind) = session.counted.as_mut()
             && *kind == ClientKind::SocketIoPolling
@@ -649,11 +658,11 @@ impl Server {
         };
         // A session counts as a client from its first namespace connect on; a full server
         // refuses it here (a stock client reports connect_error, and may try again).
-        if session.counted.is_none() && self.stats.clients >= self.cfg.max_clients {
+        if session.counted.is_none() && self.clients_everywhere() >= self.cfg.max_clients {
             self.stats.count_refused(RefuseReason::MaxClients);
             let message = format!(
                 "server full: {} clients connected; try again later",
-                self.stats.clients
+                self.clients_everywhere()
             );
             return self.send_packet(skey, &engineio::connect_error(&nsp, &message));
         }
@@ -662,10 +671,16 @@ impl Server {
             return self.send_packet(skey, &refused);
         };
         let now_ns = self.clock.now_ns();
-        match self
-            .hub
-            .join(room.as_deref(), &tokens, ticks, now_ns, &mut self.fx)
-        {
+        match Self::join_room(
+            &self.shared,
+            self.shard,
+            &mut self.fx,
+            &mut self.rooms,
+            room.as_deref(),
+            &tokens,
+            ticks,
+            now_ns,
+        ) {
             Ok(client) => {
                 let named = nsp != "/";
                 if let Some(session) = self.sessions.get_mut(skey) {
@@ -677,6 +692,7 @@ impl Server {
                         let kind = session.kind();
                         session.counted = Some(kind);
                         self.stats.client_opened(kind);
+                        self.shared.client_came();
                     }
                 }
                 self.set_route(
@@ -764,10 +780,10 @@ impl Server {
         };
         self.sids.remove(&session.sid);
         if session.holds_address_place {
-            self.session_addresses.remove(session.peer);
+            shards::lock(&self.shared.session_addresses).remove(session.peer);
         }
         if let Some(kind) = session.counted {
-            self.stats.client_closed(kind, reason);
+            self.client_closed(kind, reason);
         }
         debug!("socket.io session closed reason={}", reason.label());
         if let Some(joined) = &session.joined {

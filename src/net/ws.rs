@@ -47,10 +47,16 @@ impl Server {
         let token = http::presented_token(req);
         let tokens: Vec<&str> = token.as_deref().into_iter().collect();
         let now_ns = self.clock.now_ns();
-        let client = match self
-            .hub
-            .join(room_arg(&room), &tokens, ticks, now_ns, &mut self.fx)
-        {
+        let client = match Self::join_room(
+            &self.shared,
+            self.shard,
+            &mut self.fx,
+            &mut self.rooms,
+            room_arg(&room),
+            &tokens,
+            ticks,
+            now_ns,
+        ) {
             Ok(client) => client,
             Err(e) => {
                 // Checked before the upgrade; only a room limit reached in between lands here.
@@ -64,6 +70,7 @@ impl Server {
             }
         };
         self.stats.client_opened(ClientKind::Ws);
+        self.shared.client_came();
         s.conn.counted = Some(ClientKind::Ws);
         s.owner = Owner::Ws {
             client,
@@ -120,7 +127,7 @@ impl Server {
                     Message::Pong(payload) => {
                         let max_age = nanos(self.cfg.ping_interval + self.cfg.ping_timeout);
                         if let Some(rtt) = lead::rtt_from_pong(&payload, now_ns, max_age) {
-                            self.hub.round_trip(client, rtt);
+                            self.shared.control().hub.round_trip(client, rtt);
                         }
                         Ok(Decision::Done)
                     }
@@ -165,7 +172,7 @@ impl Server {
             ClientMessage::Stop => Control::Stop,
         };
         let now_ns = self.clock.now_ns();
-        let result = self.hub.control(client, control, now_ns, &mut self.fx);
+        let result = self.decide(|hub, fx| hub.control(client, control, now_ns, fx));
         self.settle_hub();
         result
     }
