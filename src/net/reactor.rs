@@ -610,11 +610,14 @@ impl Server {
         shard: usize,
         fx: &mut Vec<Effect>,
         rooms: &mut ShardRooms,
-        room: Option<&str>,
-        tokens: &[&str],
-        ticks: Option<TickChoice>,
+        ask: JoinAsk<'_>,
         now_ns: u64,
     ) -> Result<ClientId, JoinError> {
+        let JoinAsk {
+            room,
+            tokens,
+            ticks,
+        } = ask;
         let joined = shared.decide(shard, fx, |control, fx| {
             let joined = control.hub.join(room, tokens, ticks, now_ns, fx);
             if let Ok(client) = joined {
@@ -1339,4 +1342,13 @@ pub(super) fn millis(d: Duration) -> u64 {
 
 pub(super) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a client asks for as it joins: its room (`None` is `main`), the control tokens it
+/// presented, and the ticks it chose (`None` is the default).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct JoinAsk<'a> {
+    pub(super) room: Option<&'a str>,
+    pub(super) tokens: &'a [&'a str],
+    pub(super) ticks: Option<TickChoice>,
 }

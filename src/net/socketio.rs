@@ -676,9 +676,11 @@ impl Server {
             self.shard,
             &mut self.fx,
             &mut self.rooms,
-            room.as_deref(),
-            &tokens,
-            ticks,
+            JoinAsk {
+                room: room.as_deref(),
+                tokens: &tokens,
+                ticks,
+            },
             now_ns,
         ) {
             Ok(client) => {

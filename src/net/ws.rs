@@ -52,9 +52,11 @@ impl Server {
             self.shard,
             &mut self.fx,
             &mut self.rooms,
-            room_arg(&room),
-            &tokens,
-            ticks,
+            JoinAsk {
+                room: room_arg(&room),
+                tokens: &tokens,
+                ticks,
+            },
             now_ns,
         ) {
             Ok(client) => client,
