@@ -1,14 +1,19 @@
 //! What the server measures about itself, and how it reports it (`/stats`, `/metrics`).
 //!
 //! The event loop owns one [`ServerStats`] and is its only writer, so nothing here is atomic or
-//! locked. Rendering is pure: a [`Snapshot`] in, text out.
+//! locked. `/stats` and `/metrics` are rendered from one table in [`crate::metrics`];
+//! `stats_json` and `metrics_text` here are the renderers from before that table, kept for
+//! tests only, as the reference the table is checked against (every field they said, it says).
 
+#[cfg(test)]
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+#[cfg(test)]
 use serde_json::json;
 
+#[cfg(test)]
 use crate::cluster::ClusterFault;
 use crate::tempo::Bpm;
 
@@ -84,6 +89,7 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// `{p50, p99, p999, max, samples}` in microseconds, for JSON.
+    #[cfg(test)]
     fn micros(&self) -> serde_json::Value {
         let us = |ns: u64| ns as f64 / 1000.0;
         json!({
@@ -402,6 +408,7 @@ pub struct ShardFigures {
     pub fanout_p99_ns: u64,
 }
 
+#[cfg(test)]
 /// The `/stats` document.
 pub fn stats_json(s: &Snapshot) -> String {
     let st = s.stats;
@@ -448,6 +455,7 @@ pub fn stats_json(s: &Snapshot) -> String {
     doc.to_string()
 }
 
+#[cfg(test)]
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(
         out,
@@ -455,12 +463,14 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     );
 }
 
+#[cfg(test)]
 /// One metric with a single value.
 fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     metric(out, name, kind, help);
     let _ = writeln!(out, "conductor_{name} {value}");
 }
 
+#[cfg(test)]
 /// One metric family with a value per `label` (e.g. `reason`).
 fn labelled<V: std::fmt::Display>(
     out: &mut String,
@@ -476,6 +486,7 @@ fn labelled<V: std::fmt::Display>(
     }
 }
 
+#[cfg(test)]
 fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
     metric(out, name, "summary", help);
     let s = |ns: u64| ns as f64 / 1e9;
@@ -495,6 +506,7 @@ fn summary(out: &mut String, name: &str, help: &str, p: &Percentiles) {
     let _ = writeln!(out, "conductor_{name}_count {}", p.count);
 }
 
+#[cfg(test)]
 /// The `/metrics` document, Prometheus text exposition format 0.0.4.
 pub fn metrics_text(s: &Snapshot) -> String {
     let st = s.stats;
