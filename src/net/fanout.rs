@@ -112,20 +112,7 @@ impl Server {
                         continue;
                     }
                     let frame = encoded.plain(&job.event);
-                    if !s.conn.send(&frame, limit) {
-                        debug!(
-                            "slow consumer peer={} queued={}",
-                            s.conn.peer,
-                            s.conn.queued()
-                        );
-                        s.conn.close_ws(
-                            CloseCode::Policy,
-                            "too slow: fell behind the ticks",
-                            CloseReason::SlowConsumer,
-                            now,
-                        );
-                    }
-                    self.after_io(key);
+                    self.send_or_shed(key, &frame, limit, now);
                 }
                 Some(Via::Eio { session, named }) => {
                     let nsp = named.then_some(room_nsp.as_str());
@@ -137,6 +124,28 @@ impl Server {
         }
         self.members = members;
         self.remove_finished();
+    }
+
+    /// One broadcast frame onto socket `key`'s queue; a socket already `limit` frames behind
+    /// is closed as a slow consumer instead, so it never holds up the rest.
+    fn send_or_shed(&mut self, key: usize, frame: &SharedFrame, limit: usize, now: Instant) {
+        let Some(s) = self.socks.get_mut(key) else {
+            return;
+        };
+        if !s.conn.send(frame, limit) {
+            debug!(
+                "slow consumer peer={} queued={}",
+                s.conn.peer,
+                s.conn.queued()
+            );
+            s.conn.close_ws(
+                CloseCode::Policy,
+                "too slow: fell behind the ticks",
+                CloseReason::SlowConsumer,
+                now,
+            );
+        }
+        self.after_io(key);
     }
 
     /// One broadcast frame to one session, on whatever carries it.
@@ -152,25 +161,7 @@ impl Server {
             return;
         };
         match session.link {
-            Link::WebSocket { socket } => {
-                let Some(s) = self.socks.get_mut(socket) else {
-                    return;
-                };
-                if !s.conn.send(frame, limit) {
-                    debug!(
-                        "slow consumer peer={} queued={}",
-                        s.conn.peer,
-                        s.conn.queued()
-                    );
-                    s.conn.close_ws(
-                        CloseCode::Policy,
-                        "too slow: fell behind the ticks",
-                        CloseReason::SlowConsumer,
-                        now,
-                    );
-                }
-                self.after_io(socket);
-            }
+            Link::WebSocket { socket } => self.send_or_shed(socket, frame, limit, now),
             Link::Polling { .. } | Link::Upgrading { .. } => {
                 if session.push(packet, limit) {
                     self.answer_poll(skey, None);
